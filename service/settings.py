@@ -1,0 +1,291 @@
+"""One settings tree: YAML file + `KDGUARD_*` environment variables, nested with `__`.
+
+Precedence (highest first): values passed to `Settings(...)`, environment variables, the
+YAML file named by `--config` or `KDGUARD_CONFIG`, then the defaults below. Every field is
+documented here; the README's configuration table is generated from the same descriptions
+(`kdguard config --describe`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from service.errors import ConfigError
+
+_PLACEHOLDER = re.compile(r"change.?me|example|secret|password|xxxx", re.IGNORECASE)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""Model names and version ids: no slashes, no leading dot, so no path can escape."""
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class Scope(StrEnum):
+    PREDICT = "predict"
+    FEEDBACK = "feedback"
+    ADMIN = "admin"
+
+
+class ServerSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to bind.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body; larger ones get 413 unread."
+    )
+    max_batch: int = Field(256, ge=1, description="Most instances in one inference request.")
+    inline_max_rows: int = Field(
+        32,
+        ge=0,
+        description=(
+            "Batches up to this many rows run the student on the event loop (a small ONNX "
+            "model takes microseconds, less than a thread hand-off); larger ones run in a "
+            "worker thread."
+        ),
+    )
+    student_threads: int = Field(
+        2, ge=1, description="Worker threads for large student batches (capacity limit)."
+    )
+    fast_path: bool = Field(
+        True,
+        description=(
+            "Answer the two inference routes from a lean ASGI handler in front of FastAPI's "
+            "router (same handlers, errors and metrics; much less overhead per request)."
+        ),
+    )
+    opentelemetry: bool = Field(
+        False,
+        description=(
+            "Turn on FastAPI's native OpenTelemetry tracing, metrics and logs (it checks its "
+            "providers on every request, so it is off unless you export traces)."
+        ),
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="Seconds to finish in-flight work on SIGTERM."
+    )
+
+
+class RegistrySettings(BaseModel):
+    root: Path = Field(Path(".kdguard/registry"), description="Directory of model versions.")
+
+
+class ModelSettings(BaseModel):
+    name: str = Field("digits", description="Deployment name: the model name clients use.")
+    student_version: str | None = Field(
+        None, description="Pin the student version; default: the registry's active one."
+    )
+
+    @field_validator("name", "student_version")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid name (letters, digits, . _ -)")
+        return value
+
+
+class RoutingSettings(BaseModel):
+    fallback_threshold: float = Field(
+        0.6, ge=0.0, le=1.0, description="τ: student confidence below this goes to the teacher."
+    )
+    shadow_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="π₀: share of confident traffic also sent to the teacher."
+    )
+    seed: int | None = Field(None, description="Seed for shadow sampling (tests, replays).")
+
+
+class CircuitSettings(BaseModel):
+    failure_threshold: int = Field(
+        5, ge=1, description="Consecutive teacher failures that open the circuit."
+    )
+    reset_after_s: float = Field(
+        2.0, gt=0, description="Seconds the circuit stays open before one trial call."
+    )
+
+
+class RemoteTeacherSettings(BaseModel):
+    url: str = Field("http://127.0.0.1:8001", description="Base URL of an OIP v2 server.")
+    model_name: str = Field("digits-teacher", description="Model name on the remote server.")
+    model_version: str | None = Field(None, description="Model version on the remote server.")
+    input_name: str = Field("input", description="Name of the remote model's input tensor.")
+    output_name: str = Field("logits", description="Output tensor to read.")
+    output_kind: Literal["logits", "probabilities"] = Field(
+        "logits", description="Whether that output holds logits or probabilities."
+    )
+    version_label: str = Field(
+        "remote", description="Teacher version recorded with each prediction."
+    )
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Extra headers, e.g. an authorization token."
+    )
+
+
+class TeacherSettings(BaseModel):
+    mode: Literal["local", "remote", "none"] = Field(
+        "local", description="local: ONNX file from the registry; remote: an OIP server."
+    )
+    local_name: str | None = Field(
+        None, description="Registry name of the local teacher; default `<model>-teacher`."
+    )
+    local_version: str | None = Field(None, description="Pin the local teacher version.")
+    local_inline_max_s: float = Field(
+        0.0002,
+        ge=0,
+        description=(
+            "A local teacher call expected to take at most this long runs on the event "
+            "loop instead of a thread (a thread hand-off costs more than a small model)."
+        ),
+    )
+    deadline_s: float = Field(
+        0.25, gt=0, description="Most time a fallback waits for the teacher before degrading."
+    )
+    shadow_timeout_s: float = Field(2.0, gt=0, description="Time limit of a shadow call.")
+    max_concurrency: int = Field(2, ge=1, description="Most teacher calls in flight at once.")
+    max_batch: int = Field(64, ge=1, description="Most rows in one micro-batched teacher call.")
+    shadow_batch_wait_s: float = Field(
+        0.002,
+        ge=0,
+        description=(
+            "How long a worker holding only shadow work waits for more rows to fill its "
+            "batch. Fallback batches never wait: a client is waiting on them."
+        ),
+    )
+    queue_capacity: int = Field(
+        1024, ge=1, description="Teacher queue bound in rows; shadow work is dropped past it."
+    )
+    circuit: CircuitSettings = Field(default_factory=CircuitSettings)
+    remote: RemoteTeacherSettings = Field(default_factory=RemoteTeacherSettings)
+
+
+class ApiKey(BaseModel):
+    name: str = Field(description="Who holds the key (appears in logs, never the key).")
+    key: SecretStr = Field(description="The key itself, at least 16 characters.")
+    scopes: list[Scope] = Field(default_factory=lambda: [Scope.PREDICT])
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("API keys must be at least 16 characters")
+        return value
+
+
+class AuthSettings(BaseModel):
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description="Keys and their scopes; admin needs the admin scope."
+    )
+    require_predict_key: bool = Field(
+        False, description="Require a predict-scoped key on inference routes."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one kdguard process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KDGUARD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    environment: Environment = Field(Environment.DEVELOPMENT, description="Deployment kind.")
+    data_dir: Path = Field(Path(".kdguard"), description="Where the demo keeps its files.")
+    log_level: str = Field("info", description="Python logging level.")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file (if `load_settings` named one) sits below the environment.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        secrets = [k.key.get_secret_value() for k in self.auth.api_keys]
+        if len(set(secrets)) < len(secrets):
+            raise ValueError("two API keys share the same secret")
+        if self.environment is Environment.PRODUCTION:
+            for key in self.auth.api_keys:
+                if _PLACEHOLDER.search(key.key.get_secret_value()):
+                    raise ValueError(f"API key {key.name!r} looks like a placeholder")
+            if self.routing.seed is not None:
+                raise ValueError("routing.seed makes shadow sampling predictable; unset it")
+        return self
+
+    @property
+    def teacher_name(self) -> str:
+        return self.teacher.local_name or f"{self.model.name}-teacher"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a YAML file (argument, else `KDGUARD_CONFIG`), the environment
+    and explicit overrides."""
+    chosen = config_file or os.environ.get("KDGUARD_CONFIG")
+    if not chosen:
+        return Settings(**overrides)
+    path = Path(chosen)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with_file = type(
+        "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}}
+    )
+    settings: Settings = with_file(**overrides)
+    return settings
+
+
+def describe_settings() -> str:
+    """A Markdown table of every setting: YAML path, environment variable, default, meaning.
+
+    The README's configuration table is this output; a test keeps the two identical.
+    """
+    lines = [
+        "| setting (YAML path) | environment variable | default | description |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{path}` | `KDGUARD_{path.upper().replace('.', '__')}` | {default} | {doc} |"
+        for path, default, doc in _walk(Settings, "")
+    ]
+    return "\n".join(lines)
+
+
+def _walk(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _walk(annotation, f"{path}.")
+            continue
+        default: Any = field.get_default(call_default_factory=True)
+        shown = (
+            "(unset)"
+            if default is None
+            else f"`{default.value if isinstance(default, StrEnum) else default}`"
+        )
+        if isinstance(default, list | dict) and not default:
+            shown = "(empty)"
+        rows.append((path, shown, (field.description or "").replace("|", "\\|")))
+    return rows
