@@ -1,0 +1,164 @@
+"""Every Prometheus instrument kdguard exports, built against an injected registry.
+
+Names start with `kdguard_`, use base units, `_total` for counters and histograms (never
+summaries, so percentiles aggregate across replicas). Labels come from a small fixed set:
+model, version, served_by, outcome, reason, kind, status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency from ~50 µs (a small student) to seconds (a hung teacher hitting its deadline).
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+# Confidence lives in [1/K, 1] and matters most near the top, where τ usually sits.
+CONFIDENCE_BUCKETS = (
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999, 1.0,
+)  # fmt: skip
+# Normalised entropy lives in [0, 1] and matters most near 0, where confident traffic sits.
+ENTROPY_BUCKETS = (
+    0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@dataclass(frozen=True)
+class Instruments:
+    requests: Counter
+    predictions: Counter
+    latency: Histogram
+    fallbacks: Counter
+    shadow_sampled: Counter
+    shadow_dropped: Counter
+    teacher_errors: Counter
+    teacher_batch_rows: Histogram
+    teacher_queue_depth: Gauge
+    teacher_in_flight: Gauge
+    circuit_state: Gauge
+    confidence: Histogram
+    entropy: Histogram
+    model_info: Gauge
+    temperature: Gauge
+    fallback_threshold: Gauge
+    shadow_rate: Gauge
+    activations: Counter
+
+
+def build_instruments(registry: CollectorRegistry) -> Instruments:
+    """Create every instrument in `registry` (tests pass a fresh one each)."""
+
+    def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+        return Counter(name, doc, labels, registry=registry)
+
+    def gauge(name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
+        # "livesum"/"liveall" matter only in multiprocess mode, where gauges need a rule.
+        return Gauge(name, doc, labels, registry=registry, multiprocess_mode="liveall")
+
+    def histogram(
+        name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> Histogram:
+        return Histogram(name, doc, labels, registry=registry, buckets=buckets)
+
+    return Instruments(
+        requests=counter(
+            "kdguard_requests",
+            "Inference HTTP requests by API kind and outcome.",
+            ("model", "kind", "outcome"),
+        ),
+        predictions=counter(
+            "kdguard_predictions",
+            "Instances answered, by who served them and outcome.",
+            ("model", "version", "served_by", "outcome"),
+        ),
+        latency=histogram(
+            "kdguard_stage_duration_seconds",
+            "Time per stage: student, teacher (fallback), shadow, total.",
+            ("model", "kind"),
+            LATENCY_BUCKETS,
+        ),
+        fallbacks=counter(
+            "kdguard_fallbacks",
+            "Low-confidence instances sent to the teacher, by outcome.",
+            ("model", "outcome"),
+        ),
+        shadow_sampled=counter(
+            "kdguard_shadow_sampled",
+            "Confident instances sampled for shadow teacher calls.",
+            ("model",),
+        ),
+        shadow_dropped=counter(
+            "kdguard_shadow_dropped",
+            "Shadow teacher calls dropped, by reason.",
+            ("model", "reason"),
+        ),
+        teacher_errors=counter(
+            "kdguard_teacher_errors",
+            "Failed teacher calls, by reason.",
+            ("model", "reason"),
+        ),
+        teacher_batch_rows=histogram(
+            "kdguard_teacher_batch_rows",
+            "Rows per micro-batched teacher call.",
+            ("model",),
+            BATCH_BUCKETS,
+        ),
+        teacher_queue_depth=gauge(
+            "kdguard_teacher_queue_depth",
+            "Rows waiting for the teacher, by kind.",
+            ("model", "kind"),
+        ),
+        teacher_in_flight=gauge(
+            "kdguard_teacher_in_flight",
+            "Teacher calls in flight.",
+            ("model",),
+        ),
+        circuit_state=gauge(
+            "kdguard_teacher_circuit_state",
+            "Teacher circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ("model",),
+        ),
+        confidence=histogram(
+            "kdguard_student_confidence",
+            "Student top-class probability at serving temperature.",
+            ("model",),
+            CONFIDENCE_BUCKETS,
+        ),
+        entropy=histogram(
+            "kdguard_student_entropy",
+            "Student normalised entropy at the frozen reference temperature.",
+            ("model",),
+            ENTROPY_BUCKETS,
+        ),
+        model_info=gauge(
+            "kdguard_model_info",
+            "1 for each loaded version, by kind (student/teacher).",
+            ("model", "version", "kind"),
+        ),
+        temperature=gauge(
+            "kdguard_student_temperature",
+            "Serving temperature of the active student.",
+            ("model", "version"),
+        ),
+        fallback_threshold=gauge(
+            "kdguard_fallback_threshold",
+            "Confidence threshold τ below which the teacher answers.",
+            ("model",),
+        ),
+        shadow_rate=gauge(
+            "kdguard_shadow_rate",
+            "Share π₀ of confident traffic sent to the teacher in shadow.",
+            ("model",),
+        ),
+        activations=counter(
+            "kdguard_model_activations",
+            "Model version activations, by kind and status.",
+            ("model", "kind", "status"),
+        ),
+    )

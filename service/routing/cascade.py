@@ -1,0 +1,32 @@
+"""Pure cascade decisions: who answers, what to shadow, and the inclusion probability π."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float64]
+
+
+def needs_teacher(confidence: npt.NDArray[np.float32], threshold: float) -> BoolArray:
+    """Rows whose student confidence is below τ go to the teacher.
+
+    A NaN confidence (a broken student output) compares False with everything, so it is
+    sent to the teacher explicitly rather than served.
+    """
+    return np.asarray(~(confidence >= threshold))
+
+
+def sample_shadow(low: BoolArray, shadow_rate: float, rng: np.random.Generator) -> BoolArray:
+    """Confident rows drawn for a shadow teacher call with probability π₀ each."""
+    if shadow_rate <= 0.0:
+        return np.zeros_like(low)
+    if shadow_rate >= 1.0:
+        return ~low
+    return np.asarray(~low & (rng.random(low.shape[0]) < shadow_rate))
+
+
+def inclusion_probability(low: BoolArray, shadow_rate: float) -> FloatArray:
+    """π = 1[c < τ] + 1[c ≥ τ]·π₀: the chance the teacher output was requested."""
+    return np.where(low, 1.0, shadow_rate)

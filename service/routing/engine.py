@@ -1,0 +1,317 @@
+"""The request path: student forward pass, cascade decision, fallback, shadow, records.
+
+`InferenceEngine.predict` is the one call both HTTP APIs make. It never raises because of
+the teacher: a teacher failure leaves the student's answer in place, flagged `degraded`.
+Shadow work is queued and never awaited here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from service.backends.dispatcher import TeacherDispatcher
+from service.backends.onnx import Array, OnnxModel
+from service.errors import TeacherError, UnavailableError
+from service.monitoring.instruments import Instruments
+from service.monitoring.probabilities import normalized_entropy, softmax
+from service.monitoring.records import BoolArray, PredictionBatch, Recorder, TeacherOutcome
+from service.routing.cascade import inclusion_probability, needs_teacher, sample_shadow
+from service.routing.metering import Meter
+from service.settings import RoutingSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the engine answered for one request, one row per instance."""
+
+    request_ids: list[str]
+    model_version: str
+    class_names: tuple[str, ...]
+    probabilities: Array  # the served probabilities, [n, K]
+    labels: npt.NDArray[np.int64]
+    confidence: Array
+    by_teacher: BoolArray
+    degraded: BoolArray
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def served_by(self) -> list[str]:
+        return ["teacher" if t else "student" for t in self.by_teacher.tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fallback:
+    """The teacher's answer for the low-confidence rows, or why there is none."""
+
+    probs: Array | None = None
+    error: str | None = None
+    seconds: float | None = None
+
+
+_NO_FALLBACK = _Fallback()
+
+
+class InferenceEngine:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        student: OnnxModel,
+        dispatcher: TeacherDispatcher | None,
+        routing: RoutingSettings,
+        instruments: Instruments,
+        recorder: Recorder,
+        inline_max_rows: int = 32,
+        student_threads: int = 2,
+    ) -> None:
+        self.model_name = model_name
+        self.dispatcher = dispatcher
+        self._recorder = recorder
+        self._inline_max_rows = inline_max_rows
+        self._pool = ThreadPoolExecutor(student_threads, thread_name_prefix="kdguard-student")
+        self._rng = np.random.default_rng(routing.seed)
+        self._meter = Meter(instruments, model_name)
+        self._student = student
+        self._meter.loaded(student, kind="student")
+        if dispatcher is not None:
+            self._meter.loaded_teacher(dispatcher.backend.version)
+        self.set_routing(routing.fallback_threshold, routing.shadow_rate)
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def student(self) -> OnnxModel:
+        return self._student
+
+    @property
+    def fallback_threshold(self) -> float:
+        return self._tau
+
+    @property
+    def shadow_rate(self) -> float:
+        return self._shadow_rate
+
+    def set_routing(self, fallback_threshold: float, shadow_rate: float) -> None:
+        self._tau = fallback_threshold
+        self._shadow_rate = shadow_rate
+        self._meter.routing(fallback_threshold, shadow_rate)
+
+    def swap_student(self, model: OnnxModel) -> OnnxModel:
+        """Make a loaded, validated model the one that serves; returns the old one.
+
+        One reference assignment: a request already past its forward pass finishes on the
+        version it started with; the next one uses the new version.
+        """
+        old, self._student = self._student, model
+        self._meter.unloaded(old, kind="student")
+        self._meter.loaded(model, kind="student")
+        return old
+
+    async def close(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the request path --------------------------------------------------------------
+
+    async def predict(
+        self,
+        x: Array,
+        *,
+        request_ids: Sequence[str] | None = None,
+        routing_key: str | None = None,
+    ) -> Answer:
+        started = time.perf_counter()
+        student = self._student
+        logits = await self._student_logits(student, x)
+        student_seconds = time.perf_counter() - started
+        manifest = student.manifest
+        probs = softmax(logits, manifest.temperature)
+        confidence = probs.max(axis=1)
+        has_teacher = self.dispatcher is not None
+        low = needs_teacher(confidence, self._tau) if has_teacher else np.zeros(len(x), np.bool_)
+        fallback = await self._fallback(x, probs, low) if low.any() else _NO_FALLBACK
+        answer = _answer(student, probs, low, fallback, request_ids)
+        total_seconds = time.perf_counter() - started
+        entropy = self._entropy(student, logits, probs)
+        self._meter.request(answer, student_seconds, total_seconds, fallback.seconds)
+        self._meter.student_outputs(confidence, entropy)
+        rate = self._shadow_rate if has_teacher else 0.0
+        rows = _Rows(
+            engine=self, student_version=student.version, routing_key=routing_key,
+            ids=answer.request_ids, student_probs=probs, confidence=confidence, entropy=entropy,
+            low=low, pi=inclusion_probability(low, rate), answer=answer,
+            student_seconds=student_seconds, total_seconds=total_seconds,
+        )  # fmt: skip
+        shadow = sample_shadow(low, rate, self._rng)
+        if not shadow.any():
+            self._recorder.record(rows.answered(None, fallback))
+            return answer
+        if not shadow.all():
+            self._recorder.record(rows.answered(~shadow, fallback))
+        self._submit_shadow(x[shadow], rows, shadow)
+        return answer
+
+    async def _student_logits(self, student: OnnxModel, x: Array) -> Array:
+        if x.shape[0] <= self._inline_max_rows:
+            # A small ONNX model runs in microseconds: less than a thread hand-off costs.
+            return student.logits(x)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, student.logits, x)
+
+    async def _fallback(self, x: Array, probs: Array, low: BoolArray) -> _Fallback:
+        """Ask the teacher about the low-confidence rows; a failure is an answer too."""
+        assert self.dispatcher is not None
+        rows = int(low.sum())
+        try:
+            teacher_probs, seconds = await self.dispatcher.fallback(x[low])
+        except TeacherError as exc:
+            self._meter.fallback(rows, served=False)
+            if not np.isfinite(probs[low]).all():
+                raise UnavailableError(
+                    "the student produced a non-finite output and the teacher is unavailable",
+                    headers={"Retry-After": "1"},
+                ) from exc
+            return _Fallback(error=exc.reason)
+        self._meter.fallback(rows, served=True)
+        return _Fallback(probs=teacher_probs, seconds=seconds)
+
+    @staticmethod
+    def _entropy(student: OnnxModel, logits: Array, probs: Array) -> Array:
+        """Entropy at the frozen T_ref, so recalibration does not look like drift."""
+        reference = student.manifest.reference_temperature
+        if reference == student.manifest.temperature:
+            return normalized_entropy(probs)
+        return normalized_entropy(softmax(logits, reference))
+
+    def _submit_shadow(self, x: Array, rows: _Rows, shadow: BoolArray) -> None:
+        assert self.dispatcher is not None
+        self._meter.shadow_sampled(len(x))
+
+        def on_done(teacher_probs: Array | None, reason: str | None, seconds: float) -> None:
+            if teacher_probs is not None:
+                self._meter.shadow_seconds(seconds)
+            self._recorder.record(rows.shadowed(shadow, teacher_probs, reason, seconds))
+
+        self.dispatcher.shadow(x, on_done)
+
+    def teacher_version(self) -> str | None:
+        return None if self.dispatcher is None else self.dispatcher.backend.version
+
+
+def _answer(
+    student: OnnxModel,
+    probs: Array,
+    low: BoolArray,
+    fallback: _Fallback,
+    request_ids: Sequence[str] | None,
+) -> Answer:
+    served, by_teacher = probs, np.zeros(len(probs), np.bool_)
+    if fallback.probs is not None:
+        served = probs.copy()
+        served[low] = fallback.probs
+        by_teacher = low
+    degraded = low if fallback.error is not None else np.zeros(len(probs), np.bool_)
+    ids = list(request_ids) if request_ids is not None else [_new_id() for _ in range(len(probs))]
+    return Answer(
+        request_ids=ids,
+        model_version=student.version,
+        class_names=student.manifest.class_names,
+        probabilities=served,
+        labels=served.argmax(axis=1),
+        confidence=served.max(axis=1),
+        by_teacher=by_teacher,
+        degraded=degraded,
+    )
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
+
+
+@dataclass(slots=True)
+class _Rows:
+    """One request's arrays, cut into PredictionBatches now or when the shadow returns."""
+
+    engine: InferenceEngine
+    student_version: str
+    routing_key: str | None
+    ids: list[str]
+    student_probs: Array
+    confidence: Array
+    entropy: Array
+    low: BoolArray
+    pi: npt.NDArray[np.float64]
+    answer: Answer
+    student_seconds: float
+    total_seconds: float
+
+    def answered(self, rows: BoolArray | None, fallback: _Fallback) -> PredictionBatch:
+        """Rows whose teacher side is settled at response time (`None`: all rows)."""
+        low = self.low if rows is None else self.low[rows]
+        if not low.any():
+            outcomes = [TeacherOutcome.NOT_ASKED] * len(low)
+        else:
+            asked = (
+                TeacherOutcome.FALLBACK
+                if fallback.probs is not None
+                else TeacherOutcome.FALLBACK_FAILED
+            )
+            outcomes = [asked if flag else TeacherOutcome.NOT_ASKED for flag in low.tolist()]
+        teacher = None
+        if fallback.probs is not None:
+            teacher = np.full_like(self.student_probs, np.nan)
+            teacher[self.low] = fallback.probs
+            teacher = teacher if rows is None else teacher[rows]
+        return self._batch(rows, teacher, outcomes, fallback.error, fallback.seconds)
+
+    def shadowed(
+        self, rows: BoolArray, teacher: Array | None, reason: str | None, seconds: float
+    ) -> PredictionBatch:
+        count = int(rows.sum())
+        if teacher is None:
+            return self._batch(rows, None, [TeacherOutcome.SHADOW_DROPPED] * count, reason, None)
+        return self._batch(rows, teacher, [TeacherOutcome.SHADOW] * count, None, seconds)
+
+    def _batch(
+        self,
+        rows: BoolArray | None,
+        teacher: Array | None,
+        outcomes: list[TeacherOutcome],
+        error: str | None,
+        teacher_seconds: float | None,
+    ) -> PredictionBatch:
+        def pick(values: np.ndarray) -> np.ndarray:
+            return values if rows is None else values[rows]
+
+        ids = self.ids if rows is None else [self.ids[i] for i in np.flatnonzero(rows).tolist()]
+        return PredictionBatch(
+            model=self.engine.model_name,
+            student_version=self.student_version,
+            teacher_version=self.engine.teacher_version(),
+            routing_key=self.routing_key,
+            created_at=time.time(),
+            request_ids=ids,
+            student_probs=pick(self.student_probs),
+            teacher_probs=teacher,
+            teacher_outcome=outcomes,
+            teacher_error=error,
+            served_by_teacher=pick(self.answer.by_teacher),
+            degraded=pick(self.answer.degraded),
+            confidence=pick(self.confidence),
+            entropy=pick(self.entropy),
+            inclusion_probability=pick(self.pi),
+            fallback_threshold=self.engine.fallback_threshold,
+            student_seconds=self.student_seconds,
+            teacher_seconds=teacher_seconds,
+            total_seconds=self.total_seconds,
+        )
