@@ -1,0 +1,108 @@
+"""Pydantic schemas for the OpenAPI document and the admin API.
+
+The inference routes parse their bodies by hand (see `inputs.py`) for speed; these
+models describe exactly the same bodies so the spec, the docs and clients agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictRequest(BaseModel):
+    inputs: list[list[float]] | list[float] = Field(
+        description="A list of instances (each a list of numbers), or one flat instance."
+    )
+    request_ids: list[str] | None = Field(
+        None, description="Optional ids, one per instance; generated when absent."
+    )
+    routing_key: str | None = Field(
+        None, description="Optional sticky key (e.g. a user id) recorded with the request."
+    )
+
+
+class PredictionPublic(BaseModel):
+    request_id: str
+    label: int
+    class_name: str
+    confidence: float
+    served_by: str = Field(description="'student' or 'teacher'.")
+    model_version: str = Field(description="The student version that handled the request.")
+    degraded: bool = Field(description="True when the teacher should have answered but could not.")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[PredictionPublic]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What is wrong, for a person.")
+    code: str = Field(description="A stable machine-readable error code.")
+
+
+class InferTensor(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferRequestBody(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferTensor]
+    outputs: list[dict[str, Any]] | None = None
+
+
+class InferResponseBody(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any]
+    outputs: list[InferTensor]
+
+
+class VersionPublic(BaseModel):
+    name: str
+    version: str
+    role: str
+    sha256: str
+    temperature: float
+    class_names: list[str]
+    created_at: str
+    active: bool
+    metadata: dict[str, Any]
+
+
+class ModelPublic(BaseModel):
+    name: str
+    active: dict[str, str]
+    versions: list[VersionPublic]
+
+
+class RoutingPublic(BaseModel):
+    fallback_threshold: float = Field(ge=0.0, le=1.0)
+    shadow_rate: float = Field(ge=0.0, le=1.0)
+
+
+class RoutingUpdate(BaseModel):
+    fallback_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    shadow_rate: float | None = Field(None, ge=0.0, le=1.0)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its body by hand but documents `model`."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }

@@ -1,0 +1,50 @@
+"""What the HTTP layer reaches through `request.app.state.services`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+from prometheus_client import CollectorRegistry, Counter
+
+from service.api.auth import KeyRing
+from service.monitoring.instruments import Instruments
+from service.routing.deployment import Deployment
+from service.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    deployment: Deployment
+    instruments: Instruments
+    metrics_registry: CollectorRegistry
+    keys: KeyRing
+    ready: bool = False
+    _request_counters: dict[tuple[str, str], Counter] = field(default_factory=dict)
+
+    def count_request(self, kind: str, status: int) -> None:
+        outcome = _outcome(status)
+        child = self._request_counters.get((kind, outcome))
+        if child is None:
+            name = self.deployment.name
+            child = self.instruments.requests.labels(name, kind, outcome)
+            self._request_counters[(kind, outcome)] = child
+        child.inc()
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status in (429, 503):
+        return "rejected"
+    return "client_error" if status < 500 else "server_error"
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,163 @@
+"""`create_app(settings)`: the only place the service is assembled.
+
+Nothing is built at import time. The lifespan loads and validates the student, builds the
+teacher backend and its dispatcher, the engine and the Prometheus instruments, and tears
+them down in reverse on shutdown. Tests build their own app with their own settings and
+may swap the teacher backend or the recorder at the seams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.telemetry import TelemetryConfig
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.responses import Response
+
+from service import __version__
+from service.api import routes_admin, routes_oip, routes_v1
+from service.api.auth import KeyRing
+from service.api.errors import install_error_handlers
+from service.api.fastpath import InferenceFastPath
+from service.api.middleware import BodyLimitMiddleware
+from service.api.state import Services
+from service.backends.dispatcher import TeacherDispatcher
+from service.backends.onnx import load_onnx_model
+from service.backends.remote import RemoteTeacher
+from service.backends.teacher import LocalTeacher, TeacherBackend
+from service.errors import ConfigError
+from service.monitoring.instruments import Instruments, build_instruments
+from service.monitoring.records import NullRecorder, Recorder
+from service.registry import ModelRegistry
+from service.routing.deployment import Deployment
+from service.routing.engine import InferenceEngine
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    metrics_registry: CollectorRegistry | None = None,
+    teacher: TeacherBackend | None = None,
+    recorder: Recorder | None = None,
+) -> FastAPI:
+    """Build the ASGI app. `teacher` replaces the configured teacher backend (tests)."""
+    registry = metrics_registry or CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        instruments = build_instruments(registry)
+        deployment = await _build_deployment(settings, instruments, teacher, recorder)
+        services = Services(
+            settings=settings,
+            deployment=deployment,
+            instruments=instruments,
+            metrics_registry=registry,
+            keys=KeyRing(settings.auth),
+        )
+        app.state.services = services
+        services.ready = True
+        log.info("serving %s student %s", deployment.name, deployment.engine.student.version)
+        try:
+            yield
+        finally:
+            services.ready = False
+            await deployment.engine.close()
+
+    app = FastAPI(
+        title="kdguard",
+        version=__version__,
+        summary="A distilled student model served with its teacher beside it.",
+        lifespan=lifespan,
+        telemetry=TelemetryConfig(
+            tracing=settings.server.opentelemetry,
+            metrics=settings.server.opentelemetry,
+            logs=settings.server.opentelemetry,
+        ),
+    )
+    install_error_handlers(app)
+    # Added last = outermost: the byte limit applies to the fast path too.
+    if settings.server.fast_path:
+        app.add_middleware(InferenceFastPath)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    app.include_router(routes_v1.router)
+    app.include_router(routes_oip.router)
+    app.include_router(routes_admin.router)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus exposition")
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _build_deployment(
+    settings: Settings,
+    instruments: Instruments,
+    teacher: TeacherBackend | None,
+    recorder: Recorder | None,
+) -> Deployment:
+    registry = ModelRegistry(settings.registry.root)
+    name = settings.model.name
+    manifest = (
+        registry.manifest(name, settings.model.student_version)
+        if settings.model.student_version
+        else registry.active_manifest(name, "student")
+    )
+    student = await asyncio.to_thread(load_onnx_model, registry, manifest)
+    backend = teacher or await _teacher_backend(settings, registry, student.manifest.num_classes)
+    dispatcher = None
+    if backend is not None:
+        dispatcher = TeacherDispatcher(
+            backend, model=name, settings=settings.teacher, instruments=instruments
+        )
+        dispatcher.start()
+    engine = InferenceEngine(
+        model_name=name,
+        student=student,
+        dispatcher=dispatcher,
+        routing=settings.routing,
+        instruments=instruments,
+        recorder=recorder or NullRecorder(),
+        inline_max_rows=settings.server.inline_max_rows,
+        student_threads=settings.server.student_threads,
+    )
+    return Deployment(registry=registry, engine=engine, instruments=instruments)
+
+
+async def _teacher_backend(
+    settings: Settings, registry: ModelRegistry, num_classes: int
+) -> TeacherBackend | None:
+    config = settings.teacher
+    if config.mode == "none":
+        return None
+    if config.mode == "remote":
+        return RemoteTeacher(
+            config.remote, num_classes=num_classes, max_connections=config.max_concurrency
+        )
+    name = settings.teacher_name
+    manifest = (
+        registry.manifest(name, config.local_version)
+        if config.local_version
+        else registry.active_manifest(name, "teacher")
+    )
+    model = await asyncio.to_thread(load_onnx_model, registry, manifest)
+    if model.manifest.num_classes != num_classes:
+        raise ConfigError(
+            f"teacher {name} has {model.manifest.num_classes} classes, student {num_classes}"
+        )
+    teacher = await asyncio.to_thread(
+        LocalTeacher, model, threads=config.max_concurrency, inline_max_s=config.local_inline_max_s
+    )
+    log.info(
+        "local teacher %s/%s: %.0f us + %.1f us/row; inline up to %.0f us",
+        name, manifest.version, teacher.fixed_s * 1e6, teacher.per_row_s * 1e6,
+        config.local_inline_max_s * 1e6,
+    )  # fmt: skip
+    return teacher

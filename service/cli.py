@@ -1,0 +1,216 @@
+"""The `kdguard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.errors import KdguardError
+from service.settings import Settings, describe_settings, load_settings
+
+log = logging.getLogger("kdguard")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config) if getattr(args, "config", None) else load_settings()
+    except (KdguardError, ValueError) as exc:
+        print(f"kdguard: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # One line per teacher or traffic request would drown everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        result: int = args.handler(args, settings)
+    except KdguardError as exc:
+        print(f"kdguard: {exc.message}", file=sys.stderr)
+        return 1
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdguard", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="build the digits models if missing and serve them")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--data-dir", type=Path, default=Path(".kdguard"))
+    demo.add_argument("--traffic", action="store_true", help="drive drifting traffic at it")
+    demo.add_argument("--rate", type=float, default=50.0, help="traffic requests per second")
+    demo.add_argument("--duration", type=float, default=600.0, help="traffic seconds")
+    demo.add_argument("--build-only", action="store_true", help="build the models and exit")
+    demo.set_defaults(handler=_demo)
+
+    serve = commands.add_parser("serve", help="serve the configured deployment")
+    serve.add_argument("--config", type=Path, help="YAML settings file")
+    serve.set_defaults(handler=_serve)
+
+    registry = commands.add_parser("registry", help="list, add and activate model versions")
+    registry.add_argument("--config", type=Path, help="YAML settings file")
+    actions = registry.add_subparsers(required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="list models and versions")
+    listing.set_defaults(handler=_registry_list)
+    add = actions.add_parser("add", help="register an ONNX file as a new version")
+    add.add_argument("file", type=Path)
+    add.add_argument("--name", required=True)
+    add.add_argument("--role", choices=["student", "teacher"], required=True)
+    add.add_argument("--classes", required=True, help="comma-separated class names")
+    add.add_argument("--temperature", type=float, default=1.0)
+    add.add_argument("--activate", action="store_true", help="validate and make it active")
+    add.set_defaults(handler=_registry_add)
+
+    config = commands.add_parser("config", help="print the effective settings")
+    config.add_argument("--config", type=Path, help="YAML settings file")
+    config.add_argument("--describe", action="store_true", help="print every setting as a table")
+    config.set_defaults(handler=_config)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from service.demo.digits import ensure_digits
+    from service.registry import ModelRegistry
+
+    data_dir: Path = args.data_dir
+    settings = settings.model_copy(
+        update={
+            "data_dir": data_dir,
+            "registry": settings.registry.model_copy(update={"root": data_dir / "registry"}),
+            "server": settings.server.model_copy(update={"host": args.host, "port": args.port}),
+            "model": settings.model.model_copy(update={"name": "digits"}),
+        }
+    )
+    registry = ModelRegistry(settings.registry.root)
+    if ensure_digits(registry, name="digits", progress=lambda line: print(line, file=sys.stderr)):
+        print(f"built the digits teacher and student in {registry.root}", file=sys.stderr)
+    if args.build_only:
+        return 0
+    asyncio.run(_serve_demo(settings, traffic=args.traffic, rate=args.rate, duration=args.duration))
+    return 0
+
+
+async def _serve_demo(settings: Settings, *, traffic: bool, rate: float, duration: float) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        loop="none",
+        access_log=False,
+        log_level=settings.log_level.lower(),
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    base = f"http://{settings.server.host}:{settings.server.port}"
+    print(f"kdguard demo: model 'digits' at {base} (try {base}/docs)", file=sys.stderr)
+    if traffic:
+        while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn sets a bool
+            await asyncio.sleep(0.05)
+        driver = asyncio.create_task(_drive_demo_traffic(base, rate, duration))
+        await serving
+        driver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await driver
+    else:
+        await serving
+
+
+async def _drive_demo_traffic(base: str, rate: float, duration: float) -> None:
+    from service.demo.digits import digits_splits
+    from service.demo.traffic import DriftSchedule, TrafficGenerator, TrafficStats, drive
+
+    generator = TrafficGenerator(digits_splits(), DriftSchedule.default(), seed=0)
+    last_report = 0.0
+
+    def report(stats: TrafficStats) -> None:
+        nonlocal last_report
+        if stats.elapsed_s - last_report < 10.0:
+            return
+        last_report = stats.elapsed_s
+        served = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_served_by.items()))
+        print(
+            f"traffic {stats.elapsed_s:5.0f}s phase={stats.phase:<10} sent={stats.sent} "
+            f"accuracy={stats.accuracy:.3f} degraded={stats.degraded} served_by: {served}",
+            file=sys.stderr,
+        )
+
+    await drive(base, rate_per_s=rate, duration_s=duration, generator=generator, on_tick=report)
+
+
+def _registry_list(args: argparse.Namespace, settings: Settings) -> int:
+    from service.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.registry.root)
+    for name in registry.names():
+        active = registry.active(name)
+        for m in registry.versions(name):
+            mark = "*" if active.get(m.role) == m.version else " "
+            print(f"{mark} {name}/{m.version}  {m.role:<7}  T={m.temperature:.3f}  {m.created_at}")
+    return 0
+
+
+def _registry_add(args: argparse.Namespace, settings: Settings) -> int:
+    from service.backends.onnx import input_spec_of, load_onnx_model
+    from service.registry import InputSpec, ModelRegistry
+
+    registry = ModelRegistry(settings.registry.root)
+    data = Path(args.file).read_bytes()
+    input_name, features, output_name = input_spec_of(data)
+    manifest = registry.register(
+        name=args.name,
+        role=args.role,
+        model=data,
+        input=InputSpec(name=input_name, features=features),
+        output_name=output_name,
+        class_names=[c.strip() for c in args.classes.split(",")],
+        temperature=args.temperature,
+    )
+    load_onnx_model(registry, manifest)  # validate now, not at activation time
+    print(f"registered {manifest.name}/{manifest.version} ({manifest.role})")
+    if args.activate:
+        registry.set_active(manifest.name, manifest.role, manifest.version)
+        print(f"activated {manifest.name}/{manifest.version}; running servers pick it up "
+              "through the admin API")  # fmt: skip
+    return 0
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.describe:
+        print(describe_settings())
+        return 0
+    print(settings.model_dump_json(indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
