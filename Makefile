@@ -1,0 +1,34 @@
+# Everything runs from a project-local virtual environment that `make` builds on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo demo-traffic test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch is pinned to the CPU build; a looser pin would pull several GB of CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## build the digits teacher/student if missing and serve them on :8000
+	$(BIN)/kdguard demo
+
+demo-traffic: $(STAMP)  ## the same, with a drifting traffic generator
+	$(BIN)/kdguard demo --traffic
+
+test: $(STAMP)  ## the whole test suite (unit, integration, end-to-end)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)  ## ruff and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)  ## side-by-side serving benchmark against ../shared/bench/naive_peer.py
+	$(BIN)/python bench/serving.py
+
+clean:
+	rm -rf $(VENV) .kdguard .mypy_cache .ruff_cache .pytest_cache
