@@ -21,10 +21,11 @@ def softmax(logits: Array, temperature: float = 1.0) -> Array:
 
 def normalized_entropy(probs: Array) -> Array:
     """H = -Σ p ln p / ln K, in [0, 1]; 0 log 0 is taken as 0."""
-    k = probs.shape[1]
-    safe = np.where(probs > 0, probs, 1.0)
-    h = -(probs * np.log(safe)).sum(axis=1) / np.log(k)
-    out: Array = np.clip(h, 0.0, 1.0).astype(np.float32, copy=False)
+    # p·ln(max(p, tiny)) is exactly 0 where p is 0, with no NaN to mask afterwards.
+    logs = np.log(np.maximum(probs, np.float32(1e-30)))
+    h = np.einsum("ij,ij->i", probs, logs)
+    h *= np.float32(-1.0 / np.log(probs.shape[1]))
+    out: Array = np.minimum(h, np.float32(1.0), out=h)
     return out
 
 

@@ -69,7 +69,7 @@ class PredictionRecord:
         return None if self.teacher_probs is None else int(self.teacher_probs.argmax())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field
 class PredictionBatch:
     """Rows of one request that share a teacher outcome kind, as arrays.
 

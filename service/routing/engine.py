@@ -28,7 +28,7 @@ from service.routing.metering import Meter
 from service.settings import RoutingSettings
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built once per request; frozen would cost a setattr per field
 class Answer:
     """What the engine answered for one request, one row per instance."""
 
@@ -140,7 +140,7 @@ class InferenceEngine:
         has_teacher = self.dispatcher is not None
         low = needs_teacher(confidence, self._tau) if has_teacher else np.zeros(len(x), np.bool_)
         fallback = await self._fallback(x, probs, low) if low.any() else _NO_FALLBACK
-        answer = _answer(student, probs, low, fallback, request_ids)
+        answer = _answer(student, probs, confidence, low, fallback, request_ids)
         total_seconds = time.perf_counter() - started
         entropy = self._entropy(student, logits, probs)
         self._meter.request(answer, student_seconds, total_seconds, fallback.seconds)
@@ -211,6 +211,7 @@ class InferenceEngine:
 def _answer(
     student: OnnxModel,
     probs: Array,
+    confidence: Array,
     low: BoolArray,
     fallback: _Fallback,
     request_ids: Sequence[str] | None,
@@ -220,6 +221,7 @@ def _answer(
         served = probs.copy()
         served[low] = fallback.probs
         by_teacher = low
+        confidence = served.max(axis=1)
     degraded = low if fallback.error is not None else np.zeros(len(probs), np.bool_)
     ids = list(request_ids) if request_ids is not None else [_new_id() for _ in range(len(probs))]
     return Answer(
@@ -228,7 +230,7 @@ def _answer(
         class_names=student.manifest.class_names,
         probabilities=served,
         labels=served.argmax(axis=1),
-        confidence=served.max(axis=1),
+        confidence=confidence,
         by_teacher=by_teacher,
         degraded=degraded,
     )
