@@ -29,7 +29,7 @@ from service.backends.dispatcher import TeacherDispatcher
 from service.backends.onnx import load_onnx_model
 from service.backends.remote import RemoteTeacher
 from service.backends.teacher import LocalTeacher, TeacherBackend
-from service.errors import ConfigError
+from service.errors import ConfigError, TeacherError
 from service.monitoring.instruments import Instruments, build_instruments
 from service.monitoring.records import NullRecorder, Recorder
 from service.registry import ModelRegistry
@@ -114,6 +114,7 @@ async def _build_deployment(
     backend = teacher or await _teacher_backend(settings, registry, student.manifest.num_classes)
     dispatcher = None
     if backend is not None:
+        await _warm_teacher(backend, student.manifest.input.features)
         dispatcher = TeacherDispatcher(
             backend, model=name, settings=settings.teacher, instruments=instruments
         )
@@ -129,6 +130,15 @@ async def _build_deployment(
         student_threads=settings.server.student_threads,
     )
     return Deployment(registry=registry, engine=engine, instruments=instruments)
+
+
+async def _warm_teacher(backend: TeacherBackend, features: int) -> None:
+    """A teacher that is down at start-up is not fatal: the student serves, degraded."""
+    try:
+        await backend.warm_up(features)
+    except TeacherError as exc:
+        log.warning("teacher warm-up failed (%s: %s); serving, fallbacks degrade until it answers",
+                    exc.reason, exc.message)  # fmt: skip
 
 
 async def _teacher_backend(

@@ -95,5 +95,9 @@ class RemoteTeacher:
         except ValueError as exc:
             raise TeacherError("wrong_shape", f"teacher data does not fit {shape}") from exc
 
+    async def warm_up(self, features: int) -> None:
+        """One real call: opens the connection and checks the teacher's shape and classes."""
+        await self.probabilities(np.zeros((1, features), np.float32), timeout_s=5.0)
+
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -31,6 +31,10 @@ class TeacherBackend(Protocol):
         """Probabilities [n, K] for x [n, features]; raises TeacherError on any failure."""
         ...
 
+    async def warm_up(self, features: int) -> None:
+        """Make the first real call cheap (connections, lazy imports); may raise TeacherError."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -95,6 +99,9 @@ class LocalTeacher:
         return validate_probabilities(
             scaled, rows=x.shape[0], num_classes=self._model.manifest.num_classes, are_logits=True
         )
+
+    async def warm_up(self, features: int) -> None:
+        return None  # calibration at construction already ran the model
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -205,3 +205,21 @@ async def test_metrics_count_requests_predictions_and_latency(client: httpx.Asyn
         'kdguard_teacher_batch_rows_count{model="tiny"} 1.0',
     ]:
         assert line in text, line
+
+
+async def test_a_remote_teacher_down_at_start_up_is_not_fatal(settings: Settings) -> None:
+    from tests.support.processes import free_port
+
+    remote = make_settings(
+        settings.registry.root,
+        teacher={
+            "mode": "remote",
+            "remote": {"url": f"http://127.0.0.1:{free_port()}", "model_name": "tiny-teacher"},
+        },
+    )
+    async with running_app(remote) as (_, client):
+        response = await predict(client, {"inputs": [UNSURE, CONFIDENT]})
+    unsure, confident = response.json()["predictions"]
+    assert response.status_code == 200
+    assert unsure["degraded"] is True and unsure["served_by"] == "student"
+    assert confident["degraded"] is False

@@ -50,6 +50,9 @@ class FakeTeacher:
         finally:
             self.concurrent -= 1
 
+    async def warm_up(self, features: int) -> None:
+        return None
+
     async def aclose(self) -> None:
         self.closed = True
 

@@ -1,0 +1,410 @@
+"""Teacher faults with kdguard and the fake teacher as real processes (RELIABILITY.md).
+
+Traffic is real HTTP over loopback from this test: several concurrent clients, half of
+the requests confident (the student answers) and half below τ (the teacher should).
+Every loop here is bounded both in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.models import instance
+from tests.support.processes import FakeTeacherProcess, KdguardProcess, fake_teacher, kdguard_server
+
+pytestmark = pytest.mark.slow
+
+LOW = 0.05  # student confidence ≈ 0.37 < τ = 0.6: goes to the teacher
+CONFIDENT = 1.0  # student confidence ≈ 0.96: the student answers
+STUDENT_SCALE = 4.0  # make_tiny_registry: the student's logits are 4·x[:, :3]
+# What the student serves for LOW: softmax([4·0.05, 0, 0])[0] ≈ 0.379 (the teacher: ≈ 0.9999).
+STUDENT_LOW_CONFIDENCE = math.exp(STUDENT_SCALE * LOW) / (math.exp(STUDENT_SCALE * LOW) + 2)
+CIRCUIT_OPEN = 2.0
+CIRCUIT_CLOSED = 0.0
+GARBAGE = {  # fake teacher mode -> the reason kdguard must count it under
+    "nan": "non_finite",
+    "wrong_shape": "wrong_shape",
+    "wrong_classes": "wrong_classes",
+    "truncated": "malformed",
+    "http500": "http_status",
+}
+GARBAGE_REASONS = (*GARBAGE.values(), "invalid_probabilities", "internal")
+
+
+# -- traffic -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    sent: float
+    received: float
+    low: bool
+    status: int  # -1: no HTTP answer at all
+    served_by: str | None = None
+    degraded: bool | None = None
+    confidence: float | None = None
+    error: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.received - self.sent
+
+
+async def predict(http: httpx.AsyncClient, *, low: bool, cls: int = 0) -> Sample:
+    body = {"inputs": [instance(LOW if low else CONFIDENT, cls)]}
+    sent = time.monotonic()
+    try:
+        response = await http.post("/v1/predict", json=body)
+    except httpx.HTTPError as exc:
+        return Sample(sent, time.monotonic(), low, -1, error=repr(exc))
+    received = time.monotonic()
+    if response.status_code != 200:
+        return Sample(sent, received, low, response.status_code, error=response.text)
+    (p,) = response.json()["predictions"]
+    return Sample(sent, received, low, 200, p["served_by"], p["degraded"], p["confidence"])
+
+
+class Traffic:
+    """`workers` clients in a loop, alternating confident and low-confidence requests."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        workers: int = 6,
+        pause_s: float = 0.01,
+        max_seconds: float = 20.0,
+        max_requests_per_worker: int = 2000,
+        low_only: bool = False,
+    ) -> None:
+        self.samples: list[Sample] = []
+        self._http = http
+        self._workers = workers
+        self._pause_s = pause_s
+        self._max_seconds = max_seconds
+        self._max_requests = max_requests_per_worker
+        self._low_only = low_only
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _worker(self, index: int) -> None:
+        end = time.monotonic() + self._max_seconds
+        for n in range(self._max_requests):
+            if self._stop.is_set() or time.monotonic() > end:
+                return
+            low = self._low_only or (n + index) % 2 == 0
+            self.samples.append(await predict(self._http, low=low, cls=n % 3))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._pause_s)
+
+    def low(self, since: float = 0.0, until: float = float("inf")) -> list[Sample]:
+        """Low-confidence samples sent at or after `since` and answered by `until`."""
+        return [s for s in self.samples if s.low and s.sent >= since and s.received <= until]
+
+    async def __aenter__(self) -> Traffic:
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self._workers)]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+async def wait_until(
+    condition: Callable[[], bool], *, timeout_s: float, what: str, interval_s: float = 0.02
+) -> float:
+    """Poll `condition` until it holds; returns the time it first did (monotonic)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await http.get("/metrics")
+    assert response.status_code == 200, response.text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def sample_value(
+    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    key = (name, tuple(sorted({"model": "tiny", **labels}.items())))
+    assert key in metrics, f"{name}{labels} is not exported"
+    return metrics[key]
+
+
+async def circuit_state(http: httpx.AsyncClient) -> float:
+    return sample_value(await scrape(http), "kdguard_teacher_circuit_state")
+
+
+async def teacher_errors(http: httpx.AsyncClient) -> dict[str, float]:
+    metrics = await scrape(http)
+    reasons = (*GARBAGE_REASONS, "timeout", "connect", "circuit_open")
+    return {r: sample_value(metrics, "kdguard_teacher_errors_total", reason=r) for r in reasons}
+
+
+async def wait_for_circuit(
+    http: httpx.AsyncClient, state: float, *, timeout_s: float, what: str
+) -> float:
+    """Poll /metrics until the circuit gauge shows `state`; returns when it first did."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(10_000):
+        if await circuit_state(http) == state:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the circuit did not become {what} within {timeout_s}s")
+
+
+# -- checks shared by the scenarios ------------------------------------------------------
+
+
+def assert_all_answered(samples: Sequence[Sample], kdguard: KdguardProcess) -> None:
+    failed = [s for s in samples if s.status != 200]
+    assert not failed, (
+        f"{len(failed)} of {len(samples)} requests failed, e.g. {failed[:3]}\n{kdguard.describe()}"
+    )
+
+
+def assert_confident_rows_untouched(samples: Sequence[Sample]) -> None:
+    confident = [s for s in samples if not s.low]
+    wrong = [s for s in confident if s.served_by != "student" or s.degraded]
+    assert not wrong, f"confident requests not served plainly by the student: {wrong[:3]}"
+
+
+def assert_degraded_student(samples: Sequence[Sample], what: str) -> None:
+    wrong = [
+        s
+        for s in samples
+        if s.served_by != "student"
+        or s.degraded is not True
+        or s.confidence != pytest.approx(STUDENT_LOW_CONFIDENCE, abs=1e-3)
+    ]
+    assert not wrong, f"{what}: {len(wrong)} of {len(samples)} not degraded student: {wrong[:3]}"
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as processes:
+        yield processes
+
+
+@contextlib.asynccontextmanager
+async def client_for(kdguard: KdguardProcess) -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=kdguard.url, timeout=5.0, limits=limits) as http:
+        yield http
+    kdguard.assert_alive()
+
+
+def start(
+    stack: contextlib.ExitStack, tmp_path: Path, **overrides: Any
+) -> tuple[FakeTeacherProcess, KdguardProcess]:
+    teacher = stack.enter_context(fake_teacher(tmp_path / "teacher"))
+    kdguard = stack.enter_context(
+        kdguard_server(tmp_path / "kdguard", teacher_url=teacher.url, overrides=overrides)
+    )
+    return teacher, kdguard
+
+
+async def warm_up(http: httpx.AsyncClient, *, timeout_s: float = 5.0) -> None:
+    """Requests of each kind until three low-confidence ones in a row are served by the
+    teacher (the very first fallback after start opens a connection and may be slow)."""
+    deadline = time.monotonic() + timeout_s
+    streak = 0
+    for n in range(200):
+        sample = await predict(http, low=n % 2 == 0, cls=n % 3)
+        assert sample.status == 200, sample
+        if not sample.low:
+            assert sample.served_by == "student" and not sample.degraded, sample
+        else:
+            streak = streak + 1 if sample.served_by == "teacher" else 0
+        if streak >= 3:
+            return
+        assert time.monotonic() < deadline, f"the teacher did not serve during warm-up: {sample}"
+    raise AssertionError("the teacher did not serve three fallbacks in a row during warm-up")
+
+
+# -- (a) the teacher process is killed mid-traffic ----------------------------------------
+
+
+async def test_teacher_killed_mid_traffic(stack: contextlib.ExitStack, tmp_path: Path) -> None:
+    teacher, kdguard = start(stack, tmp_path)
+    reset_after_s = float(kdguard.config["teacher"]["circuit"]["reset_after_s"])
+    async with client_for(kdguard) as http:
+        await warm_up(http)
+        async with Traffic(http, workers=6, pause_s=0.01) as traffic:
+            await wait_until(
+                lambda: sum(s.served_by == "teacher" for s in traffic.low()) >= 10,
+                timeout_s=5,
+                what="10 fallbacks served by the teacher before the kill",
+            )
+            killed_at = time.monotonic()
+            await asyncio.to_thread(teacher.kill)
+            gone_at = time.monotonic()
+            opened_at = await wait_for_circuit(http, CIRCUIT_OPEN, timeout_s=3, what="open")
+            # Stay down long enough for failed half-open trials, with traffic flowing.
+            await wait_until(
+                lambda: (
+                    len(traffic.low(since=gone_at)) >= 30
+                    and time.monotonic() - gone_at >= 2.5 * reset_after_s
+                ),
+                timeout_s=10,
+                what="30 low-confidence requests during the outage",
+            )
+            restarting_at = time.monotonic()
+            restarted = await asyncio.to_thread(
+                stack.enter_context, fake_teacher(tmp_path / "teacher", port=teacher.port)
+            )
+            up_at = time.monotonic()
+            recovered_at = await wait_until(
+                lambda: any(s.served_by == "teacher" for s in traffic.low(since=up_at)),
+                timeout_s=reset_after_s + 3,
+                what="a fallback served by the restarted teacher",
+            )
+            closed_at = await wait_for_circuit(http, CIRCUIT_CLOSED, timeout_s=3, what="closed")
+            await wait_until(
+                lambda: len(traffic.low(since=closed_at + 0.1)) >= 20,
+                timeout_s=10,
+                what="20 low-confidence requests after recovery",
+            )
+        errors = await teacher_errors(http)
+
+    assert_all_answered(traffic.samples, kdguard)
+    assert_confident_rows_untouched(traffic.samples)
+    before = traffic.low(until=killed_at)
+    assert before and all(s.served_by == "teacher" and not s.degraded for s in before)
+    outage = traffic.low(since=gone_at, until=restarting_at)
+    assert len(outage) >= 30
+    assert_degraded_student(outage, "during the outage")
+    assert opened_at - killed_at <= 1.0, f"circuit opened {opened_at - killed_at:.3f}s after kill"
+    assert errors["connect"] >= 3
+    assert errors["circuit_open"] >= 1  # the open circuit refused calls at once
+    assert recovered_at - up_at <= reset_after_s + 3
+    after = traffic.low(since=closed_at + 0.1)
+    not_teacher = [s for s in after if s.served_by != "teacher" or s.degraded]
+    assert not not_teacher, f"after recovery, not served by the teacher: {not_teacher[:3]}"
+    # Those answers came from the restarted teacher (fallbacks are micro-batched: count rows).
+    assert (await restarted.astats())["rows"] >= len(after)
+
+
+# -- (b) the teacher hangs: accepts and never answers -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "circuit",
+    [True, False],
+    # circuit: the helper's threshold of 3, so most requests find the circuit open;
+    # no-circuit: a threshold never reached, so every fallback waits on the hung teacher.
+    ids=["circuit", "no-circuit"],
+)
+async def test_hung_teacher_costs_at_most_the_deadline(
+    stack: contextlib.ExitStack, tmp_path: Path, circuit: bool
+) -> None:
+    threshold = 3 if circuit else 1_000_000
+    teacher, kdguard = start(stack, tmp_path, teacher={"circuit": {"failure_threshold": threshold}})
+    deadline_s = float(kdguard.config["teacher"]["deadline_s"])
+    cap = int(kdguard.config["teacher"]["max_concurrency"])
+    async with client_for(kdguard) as http:
+        await warm_up(http)
+        await teacher.acontrol("hang")
+        await teacher.areset_stats()
+        discovery = await predict(http, low=True)  # the request that discovers the hang
+        assert discovery.status == 200 and discovery.degraded is True, discovery
+        assert discovery.seconds <= deadline_s + 0.5, discovery
+        async with Traffic(http, workers=5, pause_s=0.02, low_only=True) as traffic:
+            await wait_until(lambda: len(traffic.samples) >= 50, timeout_s=15, what="50 requests")
+        stats = await teacher.astats()
+        errors = await teacher_errors(http)
+
+    samples = traffic.samples
+    assert_all_answered(samples, kdguard)
+    assert_degraded_student(samples, "while the teacher hangs")
+    slowest = max(s.seconds for s in samples)
+    assert slowest <= deadline_s + 0.05, (
+        f"a request took {slowest:.3f}s, more than the {deadline_s}s deadline + 50 ms"
+    )
+    # The fake saw kdguard's calls, and kdguard gave up on them (closed the connection).
+    assert stats["calls"] >= 1 and stats["abandoned"] >= 1, stats
+    assert 1 <= stats["max_in_flight"] <= cap, stats
+    assert errors["timeout"] >= 1
+    if not circuit:
+        # Every request waited out its deadline on the hung teacher, and still no longer.
+        assert min(s.seconds for s in samples) >= deadline_s * 0.9
+        assert stats["max_in_flight"] == cap, stats  # the load did reach the cap
+
+
+# -- (c) the teacher answers garbage ------------------------------------------------------
+
+
+async def test_garbage_from_the_teacher_is_never_served(
+    stack: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    teacher, kdguard = start(stack, tmp_path)
+    reset_after_s = float(kdguard.config["teacher"]["circuit"]["reset_after_s"])
+    async with client_for(kdguard) as http:
+        await warm_up(http)
+        for mode, reason in GARBAGE.items():
+            await teacher.acontrol(mode)
+            errors_before = await teacher_errors(http)
+            calls_before = (await teacher.astats())["calls"]
+            samples: list[Sample] = []
+            deadline = time.monotonic() + reset_after_s + 3
+            counted = 0.0
+            for _ in range(100):
+                batch = await asyncio.gather(
+                    *(predict(http, low=n < 4, cls=n % 3) for n in range(5))
+                )
+                samples += batch
+                counted = (await teacher_errors(http))[reason] - errors_before[reason]
+                if (counted >= 1 and len(samples) >= 20) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.02)
+            errors_after = await teacher_errors(http)
+            calls = (await teacher.astats())["calls"] - calls_before
+
+            assert_all_answered(samples, kdguard)
+            assert_confident_rows_untouched(samples)
+            assert_degraded_student([s for s in samples if s.low], f"teacher mode {mode}")
+            assert counted >= 1, f"{mode}: no teacher error counted as {reason!r}"
+            assert calls >= counted, f"{mode}: kdguard counted more errors than calls made"
+            others = {r: errors_after[r] - errors_before[r] for r in GARBAGE_REASONS if r != reason}
+            assert not any(others.values()), f"{mode}: counted under other reasons {others}"
+
+        await teacher.acontrol("ok")
+        # Once the teacher is sane again it serves again.
+        recovered: list[Sample] = []
+        deadline = time.monotonic() + reset_after_s + 3
+        for _ in range(200):
+            recovered.append(await predict(http, low=True))
+            if recovered[-1].served_by == "teacher" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        assert recovered[-1].served_by == "teacher", recovered[-3:]
+        assert not recovered[-1].degraded
