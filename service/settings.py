@@ -170,6 +170,44 @@ class TeacherSettings(BaseModel):
     remote: RemoteTeacherSettings = Field(default_factory=RemoteTeacherSettings)
 
 
+class DatabaseSettings(BaseModel):
+    url: SecretStr = Field(
+        SecretStr("sqlite:///.kdguard/kdguard.db"),
+        description=(
+            "SQLAlchemy URL: SQLite (embedded, WAL) by default; PostgreSQL in production, "
+            "e.g. postgresql+psycopg://user:pass@host:5432/kdguard."
+        ),
+    )
+    auto_migrate: bool = Field(
+        True, description="Run migrations to head at start (else use `kdguard migrate`)."
+    )
+    pool_size: int = Field(5, ge=1, description="Connections per process (PostgreSQL).")
+
+
+class RecordingSettings(BaseModel):
+    enabled: bool = Field(True, description="Record predictions to the database.")
+    queue_rows: int = Field(
+        100_000,
+        ge=1,
+        description="Most records waiting for the database; past it they are dropped and counted.",
+    )
+    batch_rows: int = Field(2000, ge=1, description="Most records in one insert transaction.")
+    flush_interval_s: float = Field(0.25, gt=0, description="How often the writer flushes.")
+    retry_backoff_s: float = Field(
+        0.5, gt=0, description="First wait before retrying a failed write (doubles)."
+    )
+    retry_backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between retries.")
+    input_sample_rate: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Share of requests whose inputs are logged (the re-distillation transfer set).",
+    )
+    input_retention_rows: int = Field(
+        1_000_000, ge=1, description="Most logged inputs kept; the oldest go first."
+    )
+
+
 class ApiKey(BaseModel):
     name: str = Field(description="Who holds the key (appears in logs, never the key).")
     key: SecretStr = Field(description="The key itself, at least 16 characters.")
@@ -190,6 +228,10 @@ class AuthSettings(BaseModel):
     require_predict_key: bool = Field(
         False, description="Require a predict-scoped key on inference routes."
     )
+    require_feedback_key: bool = Field(
+        False,
+        description="Require a feedback-scoped key on /v1/feedback (labels drive retraining).",
+    )
 
 
 class Settings(BaseSettings):
@@ -208,6 +250,8 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
 
     @classmethod
     def settings_customise_sources(

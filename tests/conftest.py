@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +13,22 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
 
 from service.app import create_app
 from service.backends.teacher import TeacherBackend
+from service.persistence import migrate
+from service.persistence.database import make_engine
+from service.persistence.tables import Base
 from service.registry import ModelRegistry
 from service.settings import Settings
 from tests.support.fakes import FakeTeacher, ListRecorder
 from tests.support.models import make_tiny_registry
 
+POSTGRES_ADMIN_URL = os.environ.get(
+    "KDGUARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 ADMIN_KEY = "admin-key-0123456789abcdef"
 PREDICT_KEY = "predict-key-0123456789abcdef"
 
@@ -31,6 +41,8 @@ def registry(tmp_path: Path) -> ModelRegistry:
 def make_settings(registry_root: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "registry": {"root": registry_root},
+        "database": {"url": f"sqlite:///{registry_root.parent / 'kdguard.db'}"},
+        "recording": {"flush_interval_s": 0.05},
         "model": {"name": "tiny"},
         "routing": {"fallback_threshold": 0.6, "shadow_rate": 0.0, "seed": 7},
         "teacher": {"deadline_s": 0.2, "circuit": {"failure_threshold": 3, "reset_after_s": 0.3}},
@@ -91,3 +103,56 @@ async def client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with running_app(settings, teacher=fake_teacher, recorder=recorder) as (_, http):
         yield http
+
+
+# -- databases: every DB test runs on SQLite and on the local PostgreSQL -----------------
+
+
+@contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new, empty PostgreSQL database, dropped afterwards."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"kdguard_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One migrated PostgreSQL database for the session (tables are emptied per test)."""
+    with scratch_postgres() as url:
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'kdguard.db'}"
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        engine.dispose()
+        yield url
+        return
+    shared: str = request.getfixturevalue("postgres_url")
+    yield shared
+    engine = make_engine(shared)
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()

@@ -49,6 +49,11 @@ class Instruments:
     fallback_threshold: Gauge
     shadow_rate: Gauge
     activations: Counter
+    records_written: Counter
+    records_dropped: Counter
+    writer_queue_rows: Gauge
+    writer_flush_seconds: Histogram
+    database_up: Gauge
 
 
 def build_instruments(registry: CollectorRegistry) -> Instruments:
@@ -160,5 +165,25 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
             "kdguard_model_activations",
             "Model version activations, by kind and status.",
             ("model", "kind", "status"),
+        ),
+        records_written=counter(
+            "kdguard_records_written", "Prediction records written to the database.", ("model",)
+        ),
+        records_dropped=counter(
+            "kdguard_records_dropped",
+            "Prediction records dropped before reaching the database, by reason.",
+            ("model", "reason"),
+        ),
+        writer_queue_rows=gauge(
+            "kdguard_writer_queue_rows", "Prediction records waiting for the database.", ("model",)
+        ),
+        writer_flush_seconds=histogram(
+            "kdguard_writer_flush_duration_seconds",
+            "Time to write one batch of records.",
+            ("model",),
+            LATENCY_BUCKETS,
+        ),
+        database_up=gauge(
+            "kdguard_database_up", "1 while the last database write succeeded.", ("model",)
         ),
     )

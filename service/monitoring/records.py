@@ -97,6 +97,7 @@ class PredictionBatch:
     student_seconds: float
     teacher_seconds: float | None
     total_seconds: float
+    inputs: Array | None = None  # the request's features, when sampled for logging
 
     def __len__(self) -> int:
         return len(self.request_ids)

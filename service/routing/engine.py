@@ -70,12 +70,14 @@ class InferenceEngine:
         routing: RoutingSettings,
         instruments: Instruments,
         recorder: Recorder,
+        input_sample_rate: float = 0.0,
         inline_max_rows: int = 32,
         student_threads: int = 2,
     ) -> None:
         self.model_name = model_name
         self.dispatcher = dispatcher
         self._recorder = recorder
+        self._input_sample_rate = input_sample_rate
         self._inline_max_rows = inline_max_rows
         self._pool = ThreadPoolExecutor(student_threads, thread_name_prefix="kdguard-student")
         self._rng = np.random.default_rng(routing.seed)
@@ -151,6 +153,7 @@ class InferenceEngine:
             ids=answer.request_ids, student_probs=probs, confidence=confidence, entropy=entropy,
             low=low, pi=inclusion_probability(low, rate), answer=answer,
             student_seconds=student_seconds, total_seconds=total_seconds,
+            x=x if self._rng.random() < self._input_sample_rate else None,
         )  # fmt: skip
         shadow = sample_shadow(low, rate, self._rng)
         if not shadow.any():
@@ -256,6 +259,7 @@ class _Rows:
     answer: Answer
     student_seconds: float
     total_seconds: float
+    x: Array | None  # the inputs, when this request was sampled for input logging
 
     def answered(self, rows: BoolArray | None, fallback: _Fallback) -> PredictionBatch:
         """Rows whose teacher side is settled at response time (`None`: all rows)."""
@@ -316,4 +320,5 @@ class _Rows:
             student_seconds=self.student_seconds,
             teacher_seconds=teacher_seconds,
             total_seconds=self.total_seconds,
+            inputs=None if self.x is None else pick(self.x),
         )

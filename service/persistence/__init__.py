@@ -1,0 +1,1 @@
+"""Tables, migrations, repository functions and the write-behind prediction writer."""

@@ -1,0 +1,163 @@
+"""Feedback labels: checked against what the service issued, stored once, never twice.
+
+Repository functions take a session and keyword arguments and never commit: the caller
+owns the transaction, so an acknowledgement is only sent after the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import (
+    BadInputError,
+    ConflictError,
+    NotFoundError,
+    UnavailableError,
+    UnprocessableError,
+)
+from service.persistence.rows import decode_probs
+from service.persistence.tables import Feedback, IdempotencyKey, Prediction
+
+
+@dataclass(frozen=True)
+class Label:
+    request_id: str
+    label: int
+
+
+def record_labels(
+    session: Session,
+    *,
+    labels: list[Label],
+    num_classes: int,
+    client: str,
+    now: float | None = None,
+) -> dict[str, int]:
+    """Store labels; {"accepted": new, "unchanged": repeats}. 404 unknown ids, 409 conflicts."""
+    ids = [item.request_id for item in labels]
+    if len(set(ids)) != len(ids):
+        raise BadInputError("a request id appears twice in one feedback request")
+    for item in labels:
+        if not 0 <= item.label < num_classes:
+            raise UnprocessableError(f"label {item.label} is outside 0..{num_classes - 1}")
+    predictions = {
+        p.request_id: p
+        for p in session.execute(select(Prediction).where(Prediction.request_id.in_(ids))).scalars()
+    }
+    missing = [i for i in ids if i not in predictions]
+    if missing:
+        raise NotFoundError(f"unknown request id(s), not issued by this service: {missing[:10]}")
+    existing = {
+        f.request_id: f.label
+        for f in session.execute(select(Feedback).where(Feedback.request_id.in_(ids))).scalars()
+    }
+    conflicts = [i.request_id for i in labels if existing.get(i.request_id, i.label) != i.label]
+    if conflicts:
+        raise ConflictError(f"a different label was already recorded for: {conflicts[:10]}")
+    received = time.time() if now is None else now
+    new = [i for i in labels if i.request_id not in existing]
+    for item in new:
+        session.add(_feedback_row(predictions[item.request_id], item.label, client, received))
+    return {"accepted": len(new), "unchanged": len(labels) - len(new)}
+
+
+def _feedback_row(prediction: Prediction, label: int, client: str, received: float) -> Feedback:
+    """Per-row calibration inputs (correctness, NLL, Brier), computed once, here."""
+    p = decode_probs(prediction.student_probs)
+    onehot = np.zeros_like(p)
+    onehot[label] = 1.0
+    return Feedback(
+        request_id=prediction.request_id,
+        model=prediction.model,
+        label=label,
+        received_at=received,
+        client=client[:64],
+        student_correct=prediction.student_label == label,
+        teacher_correct=None
+        if prediction.teacher_label is None
+        else prediction.teacher_label == label,
+        nll=-math.log(max(float(p[label]), 1e-7)),
+        brier=float(((p - onehot) ** 2).sum()),
+    )
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def replay(session: Session, *, key: str, body_sha256: str) -> dict[str, Any] | None:
+    """The stored answer for a repeated Idempotency-Key; 422 if reused for another body."""
+    row = session.get(IdempotencyKey, key)
+    if row is None:
+        return None
+    if row.body_sha256 != body_sha256:
+        raise UnprocessableError("this Idempotency-Key was already used with a different body")
+    return row.response
+
+
+def remember(session: Session, *, key: str, body_sha256: str, response: dict[str, Any]) -> None:
+    session.add(
+        IdempotencyKey(key=key, body_sha256=body_sha256, response=response, created_at=time.time())
+    )
+
+
+class FeedbackStore:
+    """Runs one feedback request as one transaction; acknowledges only after commit.
+
+    A label may arrive before the writer has flushed its prediction (a fast client): an
+    unknown id triggers one flush of the writer and a second look before it is a 404.
+    A database that cannot be reached is a 503, never a false acknowledgement.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        num_classes: Callable[[], int],
+        flush_writer: Callable[[float], bool] | None,
+    ) -> None:
+        self._sessions = sessions
+        self._num_classes = num_classes
+        self._flush_writer = flush_writer
+
+    def submit(
+        self, labels: list[Label], *, client: str, idempotency_key: str | None, body: bytes
+    ) -> dict[str, Any]:
+        try:
+            return self._submit(labels, client, idempotency_key, body)
+        except NotFoundError:
+            if self._flush_writer is None or not self._flush_writer(2.0):
+                raise
+            return self._submit(labels, client, idempotency_key, body)
+
+    def _submit(
+        self, labels: list[Label], client: str, key: str | None, body: bytes
+    ) -> dict[str, Any]:
+        digest = body_hash(body)
+        try:
+            with self._sessions.begin() as session:
+                if key is not None and (previous := replay(session, key=key, body_sha256=digest)):
+                    return previous
+                result: dict[str, Any] = record_labels(
+                    session, labels=labels, num_classes=self._num_classes(), client=client
+                )
+                if key is not None:
+                    remember(session, key=key, body_sha256=digest, response=result)
+            return result
+        except IntegrityError as exc:  # a concurrent request stored the same id or key first
+            raise ConflictError("a concurrent feedback request stored these labels; retry") from exc
+        except OperationalError as exc:
+            raise UnavailableError(
+                "the database is unavailable; the feedback was not recorded",
+                headers={"Retry-After": "5"},
+            ) from exc

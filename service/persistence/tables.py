@@ -1,0 +1,242 @@
+"""SQLAlchemy 2 tables. Alembic migrations (`migrations/`) are the only way they change.
+
+Times are stored as float seconds since the epoch (UTC): portable across SQLite and
+PostgreSQL and cheap to compare and bucket in aggregate queries. Hot aggregate inputs
+(bins, per-row scalars) are stored as columns at insert time so every monitoring window
+is a GROUP BY, never a scan of decoded blobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class ModelVersion(Base):
+    """A registered version, mirrored from the registry directory for queries and audit."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    temperature: Mapped[float] = mapped_column(Float)
+    reference_temperature: Mapped[float] = mapped_column(Float)
+    registered_at: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class AuditEvent(Base):
+    """Every state change that matters, written in the same transaction as the change."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(128))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Prediction(Base):
+    """One answered instance (see monitoring.records.PredictionRecord)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (Index("ix_predictions_model_created", "model", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    model: Mapped[str] = mapped_column(String(64))
+    student_version: Mapped[str] = mapped_column(String(64))
+    teacher_version: Mapped[str | None] = mapped_column(String(64))
+    routing_key: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[float] = mapped_column(Float)
+    served_by_teacher: Mapped[bool] = mapped_column(Boolean)
+    degraded: Mapped[bool] = mapped_column(Boolean)
+    teacher_outcome: Mapped[str] = mapped_column(String(16))
+    teacher_error: Mapped[str | None] = mapped_column(String(32))
+    # student side, at serving temperature (entropy at the frozen reference temperature)
+    student_label: Mapped[int] = mapped_column(SmallInteger)
+    confidence: Mapped[float] = mapped_column(Float)
+    entropy: Mapped[float] = mapped_column(Float)
+    conf_bin: Mapped[int] = mapped_column(SmallInteger)  # 15 equal-width bins, 1.0 in the last
+    conf_fine: Mapped[int] = mapped_column(SmallInteger)  # 1000 equal-width bins
+    entropy_fine: Mapped[int] = mapped_column(SmallInteger)  # 1000 equal-width bins
+    # teacher side, when observed (fallback or shadow)
+    teacher_label: Mapped[int | None] = mapped_column(SmallInteger)
+    teacher_confidence: Mapped[float | None] = mapped_column(Float)  # max q
+    teacher_p_student: Mapped[float | None] = mapped_column(Float)  # q[ŷs]
+    total_variation: Mapped[float | None] = mapped_column(Float)  # half the L1 distance of p and q
+    kl_teacher_student: Mapped[float | None] = mapped_column(Float)  # KL(q‖p)
+    inclusion_probability: Mapped[float] = mapped_column(Float)
+    fallback_threshold: Mapped[float] = mapped_column(Float)
+    student_probs: Mapped[bytes] = mapped_column(LargeBinary)  # float16, K values
+    teacher_probs: Mapped[bytes | None] = mapped_column(LargeBinary)
+    student_seconds: Mapped[float] = mapped_column(Float)
+    teacher_seconds: Mapped[float | None] = mapped_column(Float)
+    total_seconds: Mapped[float] = mapped_column(Float)
+
+
+class PredictionInput(Base):
+    """Logged inputs (a sample of traffic): the transfer set for re-distillation."""
+
+    __tablename__ = "prediction_inputs"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    features: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
+
+
+class Feedback(Base):
+    """A ground-truth label for a request id the service issued; one per request id.
+
+    The per-row quantities that need both the label and the stored probabilities are
+    computed once here, so calibration and gap windows are plain SQL sums.
+    """
+
+    __tablename__ = "feedback"
+
+    request_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("predictions.request_id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(64))
+    label: Mapped[int] = mapped_column(SmallInteger)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    client: Mapped[str] = mapped_column(String(64))
+    student_correct: Mapped[bool] = mapped_column(Boolean)
+    teacher_correct: Mapped[bool | None] = mapped_column(Boolean)
+    nll: Mapped[float] = mapped_column(Float)  # -ln p[y] at serving temperature
+    brier: Mapped[float] = mapped_column(Float)  # sum of (p - onehot(y))^2
+
+
+class IdempotencyKey(Base):
+    """A feedback request's Idempotency-Key, the hash of its body and the answer it got."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    response: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class MetricWindow(Base):
+    __tablename__ = "metric_windows"
+    __table_args__ = (UniqueConstraint("model", "metric", "window", "window_start"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    metric: Mapped[str] = mapped_column(String(32))
+    window: Mapped[str] = mapped_column(String(16))
+    window_start: Mapped[float] = mapped_column(Float)
+    window_end: Mapped[float] = mapped_column(Float)
+    value: Mapped[float | None] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float)
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer)
+    n_eff: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16))
+    label_completeness: Mapped[float | None] = mapped_column(Float)
+    matured: Mapped[bool] = mapped_column(Boolean)
+    computed_at: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class EntropyReferenceRow(Base):
+    """The frozen entropy reference of a student version (bins at its quantiles)."""
+
+    __tablename__ = "entropy_references"
+    __table_args__ = (UniqueConstraint("model", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))
+    n: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+    reference: Mapped[dict[str, Any]] = mapped_column()
+
+
+class TriggerFiring(Base):
+    __tablename__ = "trigger_firings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    rule: Mapped[str] = mapped_column(String(64))
+    metric: Mapped[str] = mapped_column(String(32))
+    fired_at: Mapped[float] = mapped_column(Float, index=True)
+    evidence: Mapped[dict[str, Any]] = mapped_column()
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    rule: Mapped[str | None] = mapped_column(String(64))
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_message: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    artifact: Mapped[str | None] = mapped_column(String(256))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    candidate_version: Mapped[str] = mapped_column(String(64))
+    incumbent_version: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[str] = mapped_column(String(16))
+    traffic_share: Mapped[float] = mapped_column(Float)
+    statistics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    decision: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,209 @@
+"""The write-behind prediction writer: the request path never waits for the database.
+
+`record()` (on the event loop) appends a batch to a bounded queue, or drops it and counts
+why. A writer thread wakes every `flush_interval_s` (or when `batch_rows` are waiting),
+turns batches into rows and inserts them in one transaction. If the database is down the
+batches stay queued (up to the bound) and the thread retries with backoff; it resumes by
+itself. `close()` flushes what is left, within a time limit, on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import Counter
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.monitoring.instruments import Instruments
+from service.monitoring.records import PredictionBatch
+from service.persistence.database import is_postgres
+from service.persistence.rows import input_rows, prediction_rows
+from service.persistence.tables import Prediction, PredictionInput
+from service.settings import RecordingSettings
+
+log = logging.getLogger(__name__)
+
+
+class PredictionWriter:
+    def __init__(
+        self, engine: Engine, *, settings: RecordingSettings, instruments: Instruments, model: str
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._queue: deque[PredictionBatch] = deque()
+        self._queued_rows = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._drained = threading.Condition(self._lock)
+        self._stopping = False
+        self._database_up = True
+        self._thread = threading.Thread(target=self._run, name="kdguard-writer", daemon=True)
+        self._dropped: dict[str, Counter] = {
+            r: instruments.records_dropped.labels(model, r)
+            for r in ("queue_full", "database_down", "shutdown")
+        }
+        self._written = instruments.records_written.labels(model)
+        self._queue_gauge = instruments.writer_queue_rows.labels(model)
+        self._up_gauge = instruments.database_up.labels(model)
+        self._flush_seconds = instruments.writer_flush_seconds.labels(model)
+        self._insert = _insert_ignoring_duplicates(engine)
+        self._since_prune = 0.0
+
+    def start(self) -> None:
+        self._up_gauge.set(1)
+        self._thread.start()
+
+    # -- the event loop side -------------------------------------------------------------
+
+    def record(self, batch: PredictionBatch) -> None:
+        rows = len(batch)
+        with self._lock:
+            if self._stopping or self._queued_rows + rows > self._settings.queue_rows:
+                reason = "shutdown" if self._stopping else (
+                    "queue_full" if self._database_up else "database_down"
+                )  # fmt: skip
+                self._dropped[reason].inc(rows)
+                return
+            self._queue.append(batch)
+            self._queued_rows += rows
+            if self._queued_rows >= self._settings.batch_rows:
+                self._wake.set()
+
+    # -- control -------------------------------------------------------------------------
+
+    def flush(self, timeout: float) -> bool:
+        """Ask for an immediate write and wait until the queue is empty (True) or timeout."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        with self._drained:
+            while self._queued_rows:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._drained.wait(left)
+        return True
+
+    def close(self, timeout: float) -> None:
+        """Flush what is queued (within `timeout`), stop, count anything left as dropped."""
+        self.flush(timeout)
+        with self._lock:
+            self._stopping = True
+            left = self._queued_rows
+            self._queue.clear()
+            self._queued_rows = 0
+        if left:
+            self._dropped["shutdown"].inc(left)
+            log.warning("dropped %d prediction records at shutdown", left)
+        self._wake.set()
+        self._thread.join(timeout=5.0)
+
+    @property
+    def database_up(self) -> bool:
+        return self._database_up
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self._settings.retry_backoff_s
+        while not self._stopping:
+            self._wake.wait(self._settings.flush_interval_s)
+            self._wake.clear()
+            if self._drain():
+                backoff = self._settings.retry_backoff_s
+                continue
+            # The database refused: keep the rows, wait, try again (interruptible).
+            self._wake.wait(backoff)
+            backoff = min(backoff * 2, self._settings.retry_backoff_max_s)
+
+    def _drain(self) -> bool:
+        """Write everything queued, a batch of rows at a time. False if the database failed."""
+        while True:
+            taken = self._take()
+            if not taken:
+                return True
+            if not self._write(taken):
+                self._put_back(taken)
+                return False
+            with self._drained:
+                self._queued_rows -= sum(len(b) for b in taken)
+                self._queue_gauge.set(self._queued_rows)
+                self._drained.notify_all()
+
+    def _take(self) -> list[PredictionBatch]:
+        taken: list[PredictionBatch] = []
+        rows = 0
+        with self._lock:
+            while self._queue and rows < self._settings.batch_rows:
+                batch = self._queue.popleft()
+                taken.append(batch)
+                rows += len(batch)
+        return taken
+
+    def _put_back(self, taken: list[PredictionBatch]) -> None:
+        with self._lock:
+            self._queue.extendleft(reversed(taken))
+
+    def _write(self, batches: list[PredictionBatch]) -> bool:
+        started = time.perf_counter()
+        predictions: list[dict[str, Any]] = []
+        inputs: list[dict[str, Any]] = []
+        for batch in batches:
+            predictions += prediction_rows(batch)
+            inputs += input_rows(batch)
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(self._insert(Prediction), predictions)
+                if inputs:
+                    connection.execute(self._insert(PredictionInput), inputs)
+                self._prune_inputs(connection, len(inputs))
+        except SQLAlchemyError as exc:
+            if self._database_up:
+                log.warning(
+                    "database write failed, records stay queued: %s", exc.__class__.__name__
+                )
+            self._set_up(False)
+            return False
+        self._set_up(True)
+        self._written.inc(len(predictions))
+        self._flush_seconds.observe(time.perf_counter() - started)
+        return True
+
+    def _prune_inputs(self, connection: Any, added: int) -> None:
+        """Keep at most `input_retention_rows` logged inputs (checked every so often)."""
+        self._since_prune += added
+        retention = self._settings.input_retention_rows
+        if self._since_prune < max(retention // 10, 1):
+            return
+        self._since_prune = 0
+        cutoff = connection.execute(
+            select(PredictionInput.created_at)
+            .order_by(PredictionInput.created_at.desc())
+            .offset(retention)
+            .limit(1)
+        ).scalar()
+        if cutoff is not None:
+            connection.execute(delete(PredictionInput).where(PredictionInput.created_at < cutoff))
+
+    def _set_up(self, up: bool) -> None:
+        if up != self._database_up:
+            log.warning("database is %s", "back" if up else "unreachable")
+        self._database_up = up
+        self._up_gauge.set(1 if up else 0)
+
+
+def _insert_ignoring_duplicates(engine: Engine) -> Callable[[type[Any]], Any]:
+    """INSERT ... ON CONFLICT DO NOTHING: a client-supplied request id seen twice is kept once."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect_insert: Any = postgresql.insert if is_postgres(engine) else sqlite.insert
+
+    def build(table: type[Any]) -> Any:
+        return dialect_insert(table).on_conflict_do_nothing()
+
+    return build

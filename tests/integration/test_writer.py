@@ -1,0 +1,165 @@
+"""The write-behind writer on SQLite and PostgreSQL: rows, bounds, outages, shutdown."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, func, select, text
+
+from service.monitoring.instruments import build_instruments
+from service.monitoring.records import PredictionBatch, TeacherOutcome
+from service.persistence.database import is_postgres, make_engine
+from service.persistence.rows import decode_probs
+from service.persistence.tables import Prediction, PredictionInput
+from service.persistence.writer import PredictionWriter
+from service.settings import RecordingSettings
+
+_counter = iter(range(10**9))
+
+
+def batch(n: int = 1, *, teacher: bool = False, inputs: bool = False) -> PredictionBatch:
+    probs = np.tile(np.array([0.75, 0.125, 0.125], np.float32), (n, 1))
+    q = np.tile(np.array([0.125, 0.75, 0.125], np.float32), (n, 1)) if teacher else None
+    outcome = TeacherOutcome.SHADOW if teacher else TeacherOutcome.NOT_ASKED
+    return PredictionBatch(
+        model="tiny", student_version="1", teacher_version="t1", routing_key=None,
+        created_at=time.time(), request_ids=[f"r{next(_counter)}" for _ in range(n)],
+        student_probs=probs, teacher_probs=q, teacher_outcome=[outcome] * n, teacher_error=None,
+        served_by_teacher=np.zeros(n, np.bool_), degraded=np.zeros(n, np.bool_),
+        confidence=probs.max(axis=1), entropy=np.full(n, 0.5, np.float32),
+        inclusion_probability=np.full(n, 0.1), fallback_threshold=0.6, student_seconds=1e-4,
+        teacher_seconds=2e-3 if teacher else None, total_seconds=2e-4,
+        inputs=np.ones((n, 4), np.float32) if inputs else None,
+    )  # fmt: skip
+
+
+class Harness:
+    def __init__(self, engine: Engine, **settings: object) -> None:
+        self.metrics = CollectorRegistry()
+        config = RecordingSettings.model_validate(
+            {"flush_interval_s": 0.02, "retry_backoff_s": 0.05, **settings}
+        )
+        self.writer = PredictionWriter(
+            engine, settings=config, instruments=build_instruments(self.metrics), model="tiny"
+        )
+        self.engine = engine
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.get_sample_value(name, {"model": "tiny", **labels}) or 0.0
+
+    def count(self, table: type[Prediction] | type[PredictionInput] = Prediction) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_batches_become_rows_with_their_bins_and_teacher_columns(database: Engine) -> None:
+    h = Harness(database)
+    h.writer.start()
+    h.writer.record(batch(3, teacher=True, inputs=True))
+    h.writer.record(batch(2))
+    assert h.writer.flush(10.0)
+    with database.connect() as connection:
+        rows = connection.execute(select(Prediction).order_by(Prediction.id)).all()
+    assert len(rows) == 5 and h.count(PredictionInput) == 3
+    first, last = rows[0], rows[-1]
+    assert first.student_label == 0 and first.conf_bin == 11 and first.conf_fine == 750
+    assert first.teacher_label == 1 and first.teacher_p_student == pytest.approx(0.125, abs=1e-6)
+    assert first.total_variation == pytest.approx(0.625, abs=1e-6)
+    expected_kl = 0.125 * np.log(0.125 / 0.75) + 0.75 * np.log(0.75 / 0.125)
+    assert first.kl_teacher_student == pytest.approx(expected_kl, abs=1e-5)
+    assert decode_probs(first.student_probs).tolist() == [0.75, 0.125, 0.125]
+    assert last.teacher_label is None and last.teacher_probs is None
+    assert h.sample("kdguard_records_written_total") == 5
+    h.writer.close(5.0)
+
+
+def test_the_queue_is_bounded_and_drops_are_counted(database: Engine) -> None:
+    h = Harness(database, queue_rows=10)  # not started: nothing drains the queue
+    for _ in range(4):
+        h.writer.record(batch(3))
+    assert h.sample("kdguard_records_dropped_total", reason="queue_full") == 3
+    h.writer.start()
+    h.writer.close(5.0)  # close flushes what was queued
+    assert h.count() == 9
+
+
+@contextmanager
+def outage(engine: Engine) -> Iterator[None]:
+    """Make the database refuse writes for real, then bring it back."""
+    if is_postgres(engine):
+        name = engine.url.database
+        admin = make_engine(
+            engine.url.set(database="postgres").render_as_string(hide_password=False)
+        )
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            c.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name},
+            )
+            try:
+                yield
+            finally:
+                c.execute(text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        admin.dispose()
+        return
+    locker = make_engine(engine.url.render_as_string(hide_password=False))
+    with locker.connect() as c:
+        c.exec_driver_sql("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            c.exec_driver_sql("ROLLBACK")
+    locker.dispose()
+
+
+def test_a_database_outage_buffers_then_drops_and_recovers_by_itself(database_url: str) -> None:
+    engine = make_engine(database_url, busy_timeout_s=0.1)
+    h = Harness(engine, queue_rows=20)
+    h.writer.start()
+    h.writer.record(batch(1))
+    assert h.writer.flush(10.0)
+    with outage(engine):
+        for _ in range(5):
+            h.writer.record(batch(3))
+        wait_for(lambda: h.sample("kdguard_database_up") == 0)
+        for _ in range(5):
+            h.writer.record(batch(3))
+        # 30 rows offered while down, the queue holds 20: six batches of 3 fit, four do not.
+        assert h.sample("kdguard_records_dropped_total", reason="database_down") == 12
+    wait_for(lambda: h.count() == 1 + 18 and h.sample("kdguard_database_up") == 1)
+    h.writer.close(5.0)
+    engine.dispose()
+
+
+def test_duplicate_client_request_ids_are_kept_once(database: Engine) -> None:
+    h = Harness(database)
+    h.writer.start()
+    b = batch(2)
+    h.writer.record(b)
+    h.writer.record(b)
+    assert h.writer.flush(10.0)
+    assert h.count() == 2
+    h.writer.close(5.0)
+
+
+def test_input_retention_keeps_the_newest(database: Engine) -> None:
+    h = Harness(database, input_retention_rows=10)
+    h.writer.start()
+    for _ in range(8):
+        h.writer.record(batch(3, inputs=True))
+        assert h.writer.flush(10.0)
+    assert 10 <= h.count(PredictionInput) <= 13  # pruned every retention/10 inserted rows
+    h.writer.close(5.0)
