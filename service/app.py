@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.responses import Response
 
 from service import __version__
-from service.api import routes_admin, routes_oip, routes_v1
+from service.api import routes_admin, routes_feedback, routes_oip, routes_v1
 from service.api.auth import KeyRing
 from service.api.errors import install_error_handlers
 from service.api.fastpath import InferenceFastPath
@@ -32,6 +32,10 @@ from service.backends.teacher import LocalTeacher, TeacherBackend
 from service.errors import ConfigError, TeacherError
 from service.monitoring.instruments import Instruments, build_instruments
 from service.monitoring.records import NullRecorder, Recorder
+from service.persistence import migrate
+from service.persistence.database import make_engine, session_factory
+from service.persistence.feedback import FeedbackStore
+from service.persistence.writer import PredictionWriter
 from service.registry import ModelRegistry
 from service.routing.deployment import Deployment
 from service.routing.engine import InferenceEngine
@@ -53,13 +57,30 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         instruments = build_instruments(registry)
-        deployment = await _build_deployment(settings, instruments, teacher, recorder)
+        database = make_engine(
+            settings.database.url.get_secret_value(), pool_size=settings.database.pool_size
+        )
+        if settings.database.auto_migrate:
+            await asyncio.to_thread(migrate.upgrade, database)
+        writer = None
+        if recorder is None and settings.recording.enabled:
+            writer = PredictionWriter(
+                database, settings=settings.recording, instruments=instruments,
+                model=settings.model.name,
+            )  # fmt: skip
+            writer.start()
+        deployment = await _build_deployment(settings, instruments, teacher, recorder or writer)
         services = Services(
             settings=settings,
             deployment=deployment,
             instruments=instruments,
             metrics_registry=registry,
             keys=KeyRing(settings.auth),
+            feedback=FeedbackStore(
+                session_factory(database),
+                num_classes=lambda: deployment.engine.student.manifest.num_classes,
+                flush_writer=writer.flush if writer is not None else None,
+            ),
         )
         app.state.services = services
         services.ready = True
@@ -68,7 +89,10 @@ def create_app(
             yield
         finally:
             services.ready = False
-            await deployment.engine.close()
+            await deployment.engine.close()  # shadow work still queued ends as dropped records
+            if writer is not None:
+                await asyncio.to_thread(writer.close, settings.server.shutdown_grace_s)
+            database.dispose()
 
     app = FastAPI(
         title="kdguard",
@@ -88,6 +112,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.include_router(routes_v1.router)
     app.include_router(routes_oip.router)
+    app.include_router(routes_feedback.router)
     app.include_router(routes_admin.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus exposition")
@@ -126,6 +151,7 @@ async def _build_deployment(
         routing=settings.routing,
         instruments=instruments,
         recorder=recorder or NullRecorder(),
+        input_sample_rate=settings.recording.input_sample_rate,
         inline_max_rows=settings.server.inline_max_rows,
         student_threads=settings.server.student_threads,
     )

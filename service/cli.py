@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from service.errors import KdguardError
 from service.settings import Settings, describe_settings, load_settings
 
@@ -29,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # One line per teacher or traffic request would drown everything else.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         result: int = args.handler(args, settings)
     except KdguardError as exc:
@@ -55,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML settings file")
     serve.set_defaults(handler=_serve)
 
+    migrate_cmd = commands.add_parser("migrate", help="upgrade the configured database to head")
+    migrate_cmd.add_argument("--config", type=Path, help="YAML settings file")
+    migrate_cmd.add_argument("--revision", default="head", help="target revision (default head)")
+    migrate_cmd.add_argument("--downgrade", action="store_true", help="downgrade to --revision")
+    migrate_cmd.set_defaults(handler=_migrate)
+
     registry = commands.add_parser("registry", help="list, add and activate model versions")
     registry.add_argument("--config", type=Path, help="YAML settings file")
     actions = registry.add_subparsers(required=True, metavar="ACTION")
@@ -74,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--describe", action="store_true", help="print every setting as a table")
     config.set_defaults(handler=_config)
     return parser
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.persistence import migrate
+    from service.persistence.database import make_engine
+
+    engine = make_engine(settings.database.url.get_secret_value())
+    if args.downgrade:
+        migrate.downgrade(engine, args.revision)
+    else:
+        migrate.upgrade(engine, args.revision)
+    print(f"database at {engine.url.render_as_string(hide_password=True)}: {args.revision}")
+    engine.dispose()
+    return 0
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -105,6 +128,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
             "registry": settings.registry.model_copy(update={"root": data_dir / "registry"}),
             "server": settings.server.model_copy(update={"host": args.host, "port": args.port}),
             "model": settings.model.model_copy(update={"name": "digits"}),
+            "database": settings.database.model_copy(
+                update={"url": SecretStr(f"sqlite:///{data_dir / 'kdguard.db'}")}
+            ),
         }
     )
     registry = ModelRegistry(settings.registry.root)

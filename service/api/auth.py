@@ -22,6 +22,7 @@ class KeyRing:
             for k in settings.api_keys
         ]
         self.require_predict_key = settings.require_predict_key
+        self.require_feedback_key = settings.require_feedback_key
 
     def identify(self, presented: str | None) -> tuple[str, frozenset[Scope]] | None:
         """The matching key's name and scopes, or None. Every key is compared, always,

@@ -37,6 +37,16 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionPublic]
 
 
+class FeedbackItem(BaseModel):
+    request_id: str = Field(description="The request id a prediction returned.")
+    label: int = Field(ge=0, description="The true class index.")
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="Labels stored by this request.")
+    unchanged: int = Field(description="Labels already stored with the same value.")
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="What is wrong, for a person.")
     code: str = Field(description="A stable machine-readable error code.")
@@ -98,11 +108,10 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-def request_body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` for a route that reads its body by hand but documents `model`."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
+def request_body(model: type[BaseModel], *, many: bool = False) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its body by hand but documents `model`
+    (`many`: one object or a list of them)."""
+    schema = model.model_json_schema()
+    if many:
+        schema = {"anyOf": [schema, {"type": "array", "items": schema}]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from service.api.auth import KeyRing
 from service.monitoring.instruments import Instruments
+from service.persistence.feedback import FeedbackStore
 from service.routing.deployment import Deployment
 from service.settings import Settings
 
@@ -21,6 +22,7 @@ class Services:
     instruments: Instruments
     metrics_registry: CollectorRegistry
     keys: KeyRing
+    feedback: FeedbackStore
     ready: bool = False
     _request_counters: dict[tuple[str, str], Counter] = field(default_factory=dict)
 
