@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,74 +19,92 @@ def bin_index(values: np.ndarray, bins: int) -> np.ndarray:
     return np.minimum((values * bins).astype(np.int64), bins - 1).clip(0)
 
 
-def prediction_rows(batch: PredictionBatch) -> list[dict[str, Any]]:
-    p = batch.student_probs.astype(np.float64)
+@dataclass(frozen=True)
+class Rows:
+    """Column names and row tuples, ready for COPY or executemany."""
+
+    names: list[str]
+    tuples: list[tuple[Any, ...]]
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.names, values, strict=True)) for values in self.tuples]
+
+    def __len__(self) -> int:
+        return len(self.tuples)
+
+
+def prediction_rows(batches: Sequence[PredictionBatch]) -> Rows:
+    """All rows of many batches, computed column by column over their concatenation.
+
+    Most batches hold one instance; per-batch numpy calls would cost more than the rows.
+    """
+    counts = [len(b) for b in batches]
+    p = np.concatenate([b.student_probs for b in batches]).astype(np.float64)
     labels = p.argmax(axis=1)
-    confidence = batch.confidence.astype(np.float64)
+    confidence = np.concatenate([b.confidence for b in batches]).astype(np.float64)
+    entropy = np.concatenate([b.entropy for b in batches]).astype(np.float64)
+
+    def per_row(values: Sequence[Any]) -> list[Any]:
+        return [v for v, n in zip(values, counts, strict=True) for _ in range(n)]
+
     columns: dict[str, list[Any]] = {
-        "request_id": list(batch.request_ids),
+        "request_id": [rid for b in batches for rid in b.request_ids],
+        "model": per_row([b.model for b in batches]),
+        "student_version": per_row([b.student_version for b in batches]),
+        "teacher_version": per_row([b.teacher_version for b in batches]),
+        "routing_key": per_row([b.routing_key for b in batches]),
+        "created_at": per_row([b.created_at for b in batches]),
+        "fallback_threshold": per_row([b.fallback_threshold for b in batches]),
+        "student_seconds": per_row([b.student_seconds for b in batches]),
+        "total_seconds": per_row([b.total_seconds for b in batches]),
+        "teacher_error": per_row([b.teacher_error for b in batches]),
         "student_label": labels.tolist(),
         "confidence": confidence.tolist(),
-        "entropy": batch.entropy.astype(np.float64).tolist(),
+        "entropy": entropy.tolist(),
         "conf_bin": bin_index(confidence, CONF_BINS).tolist(),
         "conf_fine": bin_index(confidence, FINE_BINS).tolist(),
-        "entropy_fine": bin_index(batch.entropy.astype(np.float64), FINE_BINS).tolist(),
-        "served_by_teacher": batch.served_by_teacher.tolist(),
-        "degraded": batch.degraded.tolist(),
-        "teacher_outcome": [o.value for o in batch.teacher_outcome],
-        "inclusion_probability": batch.inclusion_probability.tolist(),
-        "student_probs": [row.tobytes() for row in batch.student_probs.astype("<f2")],
-        **_teacher_columns(batch, p, labels),
+        "entropy_fine": bin_index(entropy, FINE_BINS).tolist(),
+        "served_by_teacher": np.concatenate([b.served_by_teacher for b in batches]).tolist(),
+        "degraded": np.concatenate([b.degraded for b in batches]).tolist(),
+        "teacher_outcome": [o.value for b in batches for o in b.teacher_outcome],
+        "inclusion_probability": np.concatenate(
+            [b.inclusion_probability for b in batches]
+        ).tolist(),
+        "student_probs": [row.tobytes() for row in p.astype("<f2")],
+        **_teacher_columns(batches, counts, p, labels),
     }
-    shared = {
-        "model": batch.model,
-        "student_version": batch.student_version,
-        "teacher_version": batch.teacher_version,
-        "routing_key": batch.routing_key,
-        "created_at": batch.created_at,
-        "fallback_threshold": batch.fallback_threshold,
-        "student_seconds": batch.student_seconds,
-        "total_seconds": batch.total_seconds,
-        "teacher_error": batch.teacher_error,
-    }
-    names = list(columns)
-    return [
-        {**shared, **dict(zip(names, values, strict=True))}
-        for values in zip(*columns.values(), strict=True)
-    ]
+    return Rows(list(columns), list(zip(*columns.values(), strict=True)))
 
 
 def _teacher_columns(
-    batch: PredictionBatch, p: np.ndarray, labels: np.ndarray
+    batches: Sequence[PredictionBatch], counts: list[int], p: np.ndarray, labels: np.ndarray
 ) -> dict[str, list[Any]]:
-    n = len(batch)
-    if batch.teacher_probs is None:
-        empty: list[Any] = [None] * n
-        return {
-            "teacher_label": empty, "teacher_confidence": empty, "teacher_p_student": empty,
-            "total_variation": empty, "kl_teacher_student": empty, "teacher_probs": empty,
-            "teacher_seconds": empty,
-        }  # fmt: skip
-    q = batch.teacher_probs.astype(np.float64)
+    n, k = p.shape
+    q = np.full((n, k), np.nan)
+    seconds: list[float | None] = []
+    start = 0
+    for batch, count in zip(batches, counts, strict=True):
+        if batch.teacher_probs is not None:
+            q[start : start + count] = batch.teacher_probs
+        seconds += [batch.teacher_seconds] * count
+        start += count
     seen_mask: np.ndarray = np.asarray(np.isfinite(q).all(axis=1))
     seen: list[bool] = [bool(s) for s in seen_mask]
-    safe_q = np.where(seen_mask[:, None], q, 1.0 / q.shape[1])
+    safe_q = np.where(seen_mask[:, None], q, 1.0 / k)
     tiny = 1e-12
     kl = (safe_q * (np.log(np.maximum(safe_q, tiny)) - np.log(np.maximum(p, tiny)))).sum(axis=1)
 
-    def where_seen(values: np.ndarray) -> list[Any]:
-        return [v if s else None for v, s in zip(values.tolist(), seen, strict=True)]
+    def where_seen(values: Sequence[Any]) -> list[Any]:
+        return [v if s else None for v, s in zip(values, seen, strict=True)]
 
     return {
-        "teacher_label": where_seen(safe_q.argmax(axis=1)),
-        "teacher_confidence": where_seen(safe_q.max(axis=1)),
-        "teacher_p_student": where_seen(safe_q[np.arange(n), labels]),
-        "total_variation": where_seen(0.5 * np.abs(p - safe_q).sum(axis=1)),
-        "kl_teacher_student": where_seen(kl),
-        "teacher_probs": [
-            row.tobytes() if s else None for row, s in zip(safe_q.astype("<f2"), seen, strict=True)
-        ],
-        "teacher_seconds": [batch.teacher_seconds if s else None for s in seen],
+        "teacher_label": where_seen(safe_q.argmax(axis=1).tolist()),
+        "teacher_confidence": where_seen(safe_q.max(axis=1).tolist()),
+        "teacher_p_student": where_seen(safe_q[np.arange(n), labels].tolist()),
+        "total_variation": where_seen((0.5 * np.abs(p - safe_q).sum(axis=1)).tolist()),
+        "kl_teacher_student": where_seen(kl.tolist()),
+        "teacher_probs": where_seen([row.tobytes() for row in safe_q.astype("<f2")]),
+        "teacher_seconds": where_seen(seconds),
     }
 
 
