@@ -63,7 +63,7 @@ def batches(count: int, classes: int = 10) -> list[PredictionBatch]:
                 student_seconds=1e-5,
                 teacher_seconds=None,
                 total_seconds=1e-4,
-            )  # fmt: skip
+            )
         )
     return out
 
@@ -90,8 +90,13 @@ def run(url: str, records: int) -> dict[str, float]:
     with engine.connect() as connection:
         stored = connection.execute(select(func.count()).select_from(Prediction)).scalar_one()
     engine.dispose()
-    return {"records": records, "stored": stored, "seconds": elapsed, "records_per_s": records / elapsed,
-            "enqueue_us_per_record": offered / records * 1e6}  # fmt: skip
+    return {
+        "records": records,
+        "stored": stored,
+        "seconds": elapsed,
+        "records_per_s": records / elapsed,
+        "enqueue_us_per_record": offered / records * 1e6,
+    }
 
 
 def main() -> int:

@@ -104,6 +104,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.app import create_app
 
+    sys.setswitchinterval(settings.server.gil_switch_interval_s)
     uvicorn.run(
         create_app(settings),
         host=settings.server.host,
@@ -147,6 +148,7 @@ async def _serve_demo(settings: Settings, *, traffic: bool, rate: float, duratio
 
     from service.app import create_app
 
+    sys.setswitchinterval(settings.server.gil_switch_interval_s)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.server.host,

@@ -67,6 +67,15 @@ class ServerSettings(BaseModel):
             "router (same handlers, errors and metrics; much less overhead per request)."
         ),
     )
+    gil_switch_interval_s: float = Field(
+        0.0005,
+        gt=0,
+        description=(
+            "Python's thread switch interval in the server process. The student call "
+            "releases the GIL on every request; with the default 5 ms a background thread "
+            "(writer, teacher) can hold it that long and stall the event loop."
+        ),
+    )
     opentelemetry: bool = Field(
         False,
         description=(

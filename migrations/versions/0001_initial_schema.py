@@ -3,7 +3,7 @@ metric windows, entropy references, trigger firings, jobs and rollouts.
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 04:26:17.885823
+Create Date: 2026-11-23 04:36:23.868945
 """
 
 from __future__ import annotations
@@ -132,7 +132,6 @@ def upgrade() -> None:
 
     op.create_table(
         "predictions",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("request_id", sa.String(length=128), nullable=False),
         sa.Column("model", sa.String(length=64), nullable=False),
         sa.Column("student_version", sa.String(length=64), nullable=False),
@@ -161,8 +160,7 @@ def upgrade() -> None:
         sa.Column("student_seconds", sa.Float(), nullable=False),
         sa.Column("teacher_seconds", sa.Float(), nullable=True),
         sa.Column("total_seconds", sa.Float(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_predictions")),
-        sa.UniqueConstraint("request_id", name=op.f("uq_predictions_request_id")),
+        sa.PrimaryKeyConstraint("request_id", name=op.f("pk_predictions")),
     )
     with op.batch_alter_table("predictions", schema=None) as batch_op:
         batch_op.create_index("ix_predictions_model_created", ["model", "created_at"], unique=False)

@@ -108,18 +108,15 @@ def _teacher_columns(
     }
 
 
-def input_rows(batch: PredictionBatch) -> list[dict[str, Any]]:
-    if batch.inputs is None:
-        return []
-    return [
-        {
-            "request_id": rid,
-            "model": batch.model,
-            "created_at": batch.created_at,
-            "features": row.tobytes(),
-        }
+def input_rows(batches: Sequence[PredictionBatch]) -> Rows:
+    """The logged inputs of many batches (float32 bytes per row)."""
+    tuples = [
+        (rid, batch.model, batch.created_at, row.tobytes())
+        for batch in batches
+        if batch.inputs is not None
         for rid, row in zip(batch.request_ids, batch.inputs.astype("<f4"), strict=True)
     ]
+    return Rows(["request_id", "model", "created_at", "features"], tuples)
 
 
 def decode_probs(blob: bytes) -> np.ndarray:

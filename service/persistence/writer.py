@@ -159,7 +159,7 @@ class PredictionWriter:
     def _write(self, batches: list[PredictionBatch]) -> bool:
         started = time.perf_counter()
         predictions = prediction_rows(batches)
-        inputs: list[dict[str, Any]] = [row for batch in batches for row in input_rows(batch)]
+        inputs = input_rows(batches)
         try:
             try:
                 self._insert_all(predictions, inputs, fast=self._postgres)
@@ -178,14 +178,15 @@ class PredictionWriter:
         self._flush_seconds.observe(time.perf_counter() - started)
         return True
 
-    def _insert_all(self, predictions: Rows, inputs: list[dict[str, Any]], *, fast: bool) -> None:
+    def _insert_all(self, predictions: Rows, inputs: Rows, *, fast: bool) -> None:
         with self._engine.begin() as connection:
-            if fast:
-                _copy(connection, Prediction.__tablename__, predictions)
-            else:
-                connection.execute(self._insert(Prediction), predictions.dicts())
-            if inputs:
-                connection.execute(self._insert(PredictionInput), inputs)
+            for table, rows in ((Prediction, predictions), (PredictionInput, inputs)):
+                if not rows:
+                    continue
+                if fast:
+                    _copy(connection, table.__tablename__, rows)
+                else:
+                    connection.execute(self._insert(table), rows.dicts())
             self._prune_inputs(connection, len(inputs))
 
     def _prune_inputs(self, connection: Any, added: int) -> None:

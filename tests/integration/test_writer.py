@@ -71,7 +71,7 @@ def test_batches_become_rows_with_their_bins_and_teacher_columns(database: Engin
     h.writer.record(batch(2))
     assert h.writer.flush(10.0)
     with database.connect() as connection:
-        rows = connection.execute(select(Prediction).order_by(Prediction.id)).all()
+        rows = connection.execute(select(Prediction).order_by(Prediction.created_at)).all()
     assert len(rows) == 5 and h.count(PredictionInput) == 3
     first, last = rows[0], rows[-1]
     assert first.student_label == 0 and first.conf_bin == 11 and first.conf_fine == 750
