@@ -7,13 +7,11 @@ owns the transaction, so an acknowledgement is only sent after the commit.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +23,7 @@ from service.errors import (
     UnavailableError,
     UnprocessableError,
 )
+from service.monitoring.metrics import label_columns
 from service.persistence.rows import decode_probs
 from service.persistence.tables import Feedback, IdempotencyKey, Prediction
 
@@ -73,21 +72,19 @@ def record_labels(
 
 def _feedback_row(prediction: Prediction, label: int, client: str, received: float) -> Feedback:
     """Per-row calibration inputs (correctness, NLL, Brier), computed once, here."""
-    p = decode_probs(prediction.student_probs)
-    onehot = np.zeros_like(p)
-    onehot[label] = 1.0
+    columns = label_columns(decode_probs(prediction.student_probs)[None, :], [label])
     return Feedback(
         request_id=prediction.request_id,
         model=prediction.model,
         label=label,
         received_at=received,
         client=client[:64],
-        student_correct=prediction.student_label == label,
+        student_correct=bool(columns.correct[0]),
         teacher_correct=None
         if prediction.teacher_label is None
         else prediction.teacher_label == label,
-        nll=-math.log(max(float(p[label]), 1e-7)),
-        brier=float(((p - onehot) ** 2).sum()),
+        nll=float(columns.nll[0]),
+        brier=float(columns.brier[0]),
     )
 
 

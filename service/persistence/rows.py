@@ -8,15 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from service.monitoring.metrics import confidence_bin, confidence_fine_bin, fine_index
 from service.monitoring.records import PredictionBatch
-
-CONF_BINS = 15
-FINE_BINS = 1000
-
-
-def bin_index(values: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-width bin of values in [0, 1]; 1.0 goes in the last bin (the ECE convention)."""
-    return np.minimum((values * bins).astype(np.int64), bins - 1).clip(0)
 
 
 @dataclass(frozen=True)
@@ -61,9 +54,10 @@ def prediction_rows(batches: Sequence[PredictionBatch]) -> Rows:
         "student_label": labels.tolist(),
         "confidence": confidence.tolist(),
         "entropy": entropy.tolist(),
-        "conf_bin": bin_index(confidence, CONF_BINS).tolist(),
-        "conf_fine": bin_index(confidence, FINE_BINS).tolist(),
-        "entropy_fine": bin_index(entropy, FINE_BINS).tolist(),
+        # The metric layer's own bin functions: the cells must match its edges exactly.
+        "conf_bin": confidence_bin(confidence).tolist(),
+        "conf_fine": confidence_fine_bin(confidence).tolist(),
+        "entropy_fine": fine_index(entropy).tolist(),
         "served_by_teacher": np.concatenate([b.served_by_teacher for b in batches]).tolist(),
         "degraded": np.concatenate([b.degraded for b in batches]).tolist(),
         "teacher_outcome": [o.value for b in batches for o in b.teacher_outcome],

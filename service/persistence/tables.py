@@ -96,7 +96,7 @@ class Prediction(Base):
     student_label: Mapped[int] = mapped_column(SmallInteger)
     confidence: Mapped[float] = mapped_column(Float)
     entropy: Mapped[float] = mapped_column(Float)
-    conf_bin: Mapped[int] = mapped_column(SmallInteger)  # 15 equal-width bins, 1.0 in the last
+    conf_bin: Mapped[int] = mapped_column(SmallInteger)  # ECE cell 0..15 (15: c = 1.0)
     conf_fine: Mapped[int] = mapped_column(SmallInteger)  # 1000 equal-width bins
     entropy_fine: Mapped[int] = mapped_column(SmallInteger)  # 1000 equal-width bins
     # teacher side, when observed (fallback or shadow)
