@@ -16,10 +16,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import Engine
 from starlette.responses import Response
 
 from service import __version__
-from service.api import routes_admin, routes_feedback, routes_oip, routes_v1
+from service.api import (
+    routes_admin,
+    routes_feedback,
+    routes_monitoring,
+    routes_oip,
+    routes_v1,
+)
 from service.api.auth import KeyRing
 from service.api.errors import install_error_handlers
 from service.api.fastpath import InferenceFastPath
@@ -31,6 +38,7 @@ from service.backends.remote import RemoteTeacher
 from service.backends.teacher import LocalTeacher, TeacherBackend
 from service.errors import ConfigError, TeacherError
 from service.monitoring.instruments import Instruments, build_instruments
+from service.monitoring.monitor import Monitor
 from service.monitoring.records import NullRecorder, Recorder
 from service.persistence import migrate
 from service.persistence.database import make_engine, session_factory
@@ -70,25 +78,33 @@ def create_app(
             )  # fmt: skip
             writer.start()
         deployment = await _build_deployment(settings, instruments, teacher, recorder or writer)
+        sessions = session_factory(database)
         services = Services(
             settings=settings,
             deployment=deployment,
             instruments=instruments,
             metrics_registry=registry,
             keys=KeyRing(settings.auth),
+            sessions=sessions,
+            monitor=_monitor(settings, database, deployment, instruments),
             feedback=FeedbackStore(
-                session_factory(database),
+                sessions,
                 num_classes=lambda: deployment.engine.student.manifest.num_classes,
                 flush_writer=writer.flush if writer is not None else None,
             ),
         )
         app.state.services = services
+        monitoring = None
+        if services.monitor is not None:
+            monitoring = asyncio.create_task(services.monitor.run(), name="kdguard-monitor")
         services.ready = True
         log.info("serving %s student %s", deployment.name, deployment.engine.student.version)
         try:
             yield
         finally:
             services.ready = False
+            if monitoring is not None:
+                monitoring.cancel()
             await deployment.engine.close()  # shadow work still queued ends as dropped records
             if writer is not None:
                 await asyncio.to_thread(writer.close, settings.server.shutdown_grace_s)
@@ -113,6 +129,7 @@ def create_app(
     app.include_router(routes_v1.router)
     app.include_router(routes_oip.router)
     app.include_router(routes_feedback.router)
+    app.include_router(routes_monitoring.router)
     app.include_router(routes_admin.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus exposition")
@@ -120,6 +137,21 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _monitor(
+    settings: Settings, database: Engine, deployment: Deployment, instruments: Instruments
+) -> Monitor | None:
+    if not settings.monitoring.enabled:
+        return None
+    return Monitor(
+        database=database,
+        settings=settings.monitoring,
+        model=deployment.name,
+        student=lambda: deployment.engine.student.manifest,
+        registry=deployment.registry,
+        instruments=instruments,
+    )
 
 
 async def _build_deployment(

@@ -217,6 +217,55 @@ class RecordingSettings(BaseModel):
     )
 
 
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def duration_seconds(text: str) -> float:
+    """'30s', '5m', '1h', '1d' → seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 1h or 1d")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+class MonitoringSettings(BaseModel):
+    enabled: bool = Field(True, description="Evaluate metric windows in the background.")
+    interval_s: float = Field(15.0, gt=0, description="How often the windows are evaluated.")
+    windows: list[str] = Field(
+        default_factory=lambda: ["5m", "1h", "1d"],
+        description="Window lengths (tumbling, by prediction time), e.g. 30s, 5m, 1h, 1d.",
+    )
+    label_completeness_target: float = Field(
+        0.8, gt=0, le=1, description="κ*: a window whose label share reaches it is matured."
+    )
+    label_delay_horizon_s: float = Field(
+        21_600, gt=0, description="A window this old is matured whatever its labels."
+    )
+    min_samples: int = Field(100, ge=1, description="Fewest rows (n_eff) a metric needs.")
+    flip_threshold: float = Field(
+        0.1, gt=0, lt=1, description="Flip rate whose lower bound above it is an alert."
+    )
+    gap_threshold: float = Field(
+        0.02, gt=0, lt=1, description="Accuracy gap whose lower bound above it is an alert."
+    )
+    ece_floor: float = Field(0.03, gt=0, lt=1, description="Smallest ECE that can alert.")
+    drift_w1_floor: float = Field(
+        0.02, gt=0, lt=1, description="Smallest Wasserstein-1 on entropy that can alert."
+    )
+    reference_min_samples: int = Field(
+        500, ge=50, description="Rows needed to freeze an entropy reference from traffic."
+    )
+
+    @field_validator("windows")
+    @classmethod
+    def _durations(cls, value: list[str]) -> list[str]:
+        for text in value:
+            duration_seconds(text)
+        if not value:
+            raise ValueError("at least one window")
+        return value
+
+
 class ApiKey(BaseModel):
     name: str = Field(description="Who holds the key (appears in logs, never the key).")
     key: SecretStr = Field(description="The key itself, at least 16 characters.")
@@ -261,6 +310,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -47,6 +47,28 @@ class FeedbackResponse(BaseModel):
     unchanged: int = Field(description="Labels already stored with the same value.")
 
 
+class MetricSummary(BaseModel):
+    value: float | None = Field(description="The statistic (null when undefined).")
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    n_eff: float
+    threshold: float | None
+    state: str = Field(description="ok, alert or insufficient.")
+    window_start: float
+    window_end: float
+    label_completeness: float | None
+    matured: bool
+    computed_at: float
+    details: dict[str, Any]
+
+
+class SummaryResponse(BaseModel):
+    model: str
+    window: str
+    metrics: dict[str, MetricSummary]
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="What is wrong, for a person.")
     code: str = Field(description="A stable machine-readable error code.")

@@ -7,9 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.auth import KeyRing
 from service.monitoring.instruments import Instruments
+from service.monitoring.monitor import Monitor
 from service.persistence.feedback import FeedbackStore
 from service.routing.deployment import Deployment
 from service.settings import Settings
@@ -23,6 +25,8 @@ class Services:
     metrics_registry: CollectorRegistry
     keys: KeyRing
     feedback: FeedbackStore
+    sessions: sessionmaker[Session]
+    monitor: Monitor | None = None
     ready: bool = False
     _request_counters: dict[tuple[str, str], Counter] = field(default_factory=dict)
 

@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from service.backends.onnx import load_onnx_model
 from service.errors import ModelValidationError, NotFoundError
+from service.monitoring.probabilities import normalized_entropy, softmax
 from service.registry import InputSpec, Manifest, ModelRegistry
 from service.training.distill import UNLABELLED, distill, torch_threads, train_classifier
 from service.training.export import export_onnx, onnx_parity
@@ -138,8 +139,18 @@ def build_digits(
         metadata={**metrics, "seed": seed, "splits": splits.sizes()},
         say=say,
     )
+    _save_entropy_reference(registry, student_manifest, splits.validation)
     metrics["build_seconds"] = round(time.perf_counter() - started, 3)  # incl. validation
     return DigitsBuild(teacher=teacher_manifest, student=student_manifest, metrics=metrics)
+
+
+def _save_entropy_reference(registry: ModelRegistry, manifest: Manifest, held_out: Split) -> None:
+    """Entropy drift's reference: the exported student's entropies on the validation split,
+    at its frozen reference temperature (the same numbers the server will compute)."""
+    model = load_onnx_model(registry, manifest)
+    logits = model.logits(np.ascontiguousarray(held_out.x, dtype=np.float32))
+    probs = softmax(logits, manifest.reference_temperature)
+    registry.save_reference(manifest, normalized_entropy(probs).tolist(), source="validation")
 
 
 def ensure_digits(

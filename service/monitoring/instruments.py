@@ -7,6 +7,7 @@ model, version, served_by, outcome, reason, kind, status.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -54,6 +55,30 @@ class Instruments:
     writer_queue_rows: Gauge
     writer_flush_seconds: Histogram
     database_up: Gauge
+    quality: dict[str, QualityGauges]
+    label_completeness: Gauge
+
+
+@dataclass(frozen=True)
+class QualityGauges:
+    """One quality metric's gauges, labelled by model and window (`kind`)."""
+
+    value: Gauge
+    ci_low: Gauge
+    ci_high: Gauge
+    threshold: Gauge
+    samples: Gauge
+    effective_samples: Gauge
+    alert: Gauge
+
+
+QUALITY_METRICS = {
+    "flip_rate": "Weighted flip rate: share of teacher-observed requests where the answers differ",
+    "accuracy_gap": "Accuracy gap: teacher accuracy minus student accuracy on labelled pairs",
+    "teacher_gap": "Label-free gap estimate: mean of max q - q[student label] on shadow traffic",
+    "entropy_drift_js": "Jensen-Shannon divergence of student entropy from its frozen reference",
+    "ece": "Top-label expected calibration error of the student (15 equal-width bins)",
+}
 
 
 def build_instruments(registry: CollectorRegistry) -> Instruments:
@@ -186,4 +211,28 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
         database_up=gauge(
             "kdguard_database_up", "1 while the last database write succeeded.", ("model",)
         ),
+        quality={name: _quality(gauge, name, doc) for name, doc in QUALITY_METRICS.items()},
+        label_completeness=gauge(
+            "kdguard_label_completeness",
+            "Share of a window's predictions that have a label.",
+            ("model", "kind"),
+        ),
+    )
+
+
+def _quality(
+    gauge: Callable[[str, str, tuple[str, ...]], Gauge], name: str, doc: str
+) -> QualityGauges:
+    labels = ("model", "kind")  # kind: the window, e.g. 5m
+    base = f"kdguard_{name}"
+    return QualityGauges(
+        value=gauge(base, f"{doc}.", labels),
+        ci_low=gauge(f"{base}_ci_low", f"{doc}: lower bound of its interval.", labels),
+        ci_high=gauge(f"{base}_ci_high", f"{doc}: upper bound of its interval.", labels),
+        threshold=gauge(f"{base}_threshold", f"{doc}: the threshold it is judged against.", labels),
+        samples=gauge(f"{base}_samples", f"{doc}: rows in the window.", labels),
+        effective_samples=gauge(
+            f"{base}_effective_samples", f"{doc}: effective sample size n_eff.", labels
+        ),
+        alert=gauge(f"{base}_alert", f"{doc}: 1 alert, 0 ok, -1 too few samples.", labels),
     )

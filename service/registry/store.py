@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ from service.registry.manifest import MANIFEST_FILE, MODEL_FILE, InputSpec, Mani
 from service.settings import NAME_PATTERN
 
 ACTIVE_FILE = "active.json"
+REFERENCE_FILE = "reference.json"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -175,6 +176,24 @@ class ModelRegistry:
         path = self._dir(manifest.name, manifest.version) / MANIFEST_FILE
         _atomic_write(path, updated.to_json())
         return updated
+
+    def save_reference(self, manifest: Manifest, entropies: Sequence[float], source: str) -> None:
+        """Store the held-out normalised entropies (at T_ref) that entropy drift is measured
+        against; written once, when the version is built."""
+        values = [float(h) for h in entropies]
+        if not values or not all(0.0 <= h <= 1.0 for h in values):
+            raise ModelValidationError("reference entropies must be a non-empty list in [0, 1]")
+        payload = {"entropy": values, "source": source}
+        _atomic_write(
+            self._dir(manifest.name, manifest.version) / REFERENCE_FILE, json.dumps(payload)
+        )
+
+    def load_reference(self, manifest: Manifest) -> tuple[list[float], str] | None:
+        path = self._dir(manifest.name, manifest.version) / REFERENCE_FILE
+        if not path.is_file():
+            return None
+        payload = json.loads(path.read_text())
+        return [float(h) for h in payload["entropy"]], str(payload["source"])
 
     def _next_version(self, name: str) -> str:
         base = self._dir(name)
