@@ -200,7 +200,11 @@ class RecordingSettings(BaseModel):
         ge=1,
         description="Most records waiting for the database; past it they are dropped and counted.",
     )
-    batch_rows: int = Field(2000, ge=1, description="Most records in one insert transaction.")
+    batch_rows: int = Field(
+        500,
+        ge=1,
+        description="Most records in one insert transaction (bigger batches hold the GIL longer).",
+    )
     flush_interval_s: float = Field(0.25, gt=0, description="How often the writer flushes.")
     retry_backoff_s: float = Field(
         0.5, gt=0, description="First wait before retrying a failed write (doubles)."

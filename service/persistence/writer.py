@@ -43,6 +43,7 @@ class PredictionWriter:
         self._wake = threading.Event()
         self._drained = threading.Condition(self._lock)
         self._stopping = False
+        self._flush_waiters = 0
         self._database_up = True
         self._thread = threading.Thread(target=self._run, name="kdguard-writer", daemon=True)
         self._dropped: dict[str, Counter] = {
@@ -82,13 +83,17 @@ class PredictionWriter:
     def flush(self, timeout: float) -> bool:
         """Ask for an immediate write and wait until the queue is empty (True) or timeout."""
         deadline = time.monotonic() + timeout
-        self._wake.set()
         with self._drained:
-            while self._queued_rows:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._drained.wait(left)
+            self._flush_waiters += 1
+            self._wake.set()
+            try:
+                while self._queued_rows:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._drained.wait(left)
+            finally:
+                self._flush_waiters -= 1
         return True
 
     def close(self, timeout: float) -> None:
@@ -124,7 +129,9 @@ class PredictionWriter:
             backoff = min(backoff * 2, self._settings.retry_backoff_max_s)
 
     def _drain(self) -> bool:
-        """Write everything queued, a batch of rows at a time. False if the database failed."""
+        """Write a batch, and more only while a full one waits (or someone waits on flush):
+        chasing every few new rows would turn one large transaction into many small ones,
+        each paying its own round trips and commit. False if the database failed."""
         while True:
             taken = self._take()
             if not taken:
@@ -141,6 +148,11 @@ class PredictionWriter:
                 self._queued_rows -= sum(len(b) for b in taken)
                 self._queue_gauge.set(self._queued_rows)
                 self._drained.notify_all()
+                more = self._queued_rows >= self._settings.batch_rows or (
+                    self._flush_waiters > 0 and self._queued_rows > 0
+                )
+            if not more:
+                return True
 
     def _take(self) -> list[PredictionBatch]:
         taken: list[PredictionBatch] = []
