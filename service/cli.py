@@ -132,6 +132,15 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
             "database": settings.database.model_copy(
                 update={"url": SecretStr(f"sqlite:///{data_dir / 'kdguard.db'}")}
             ),
+            # Short windows and a short label horizon so the loop is visible in minutes.
+            "monitoring": settings.monitoring.model_copy(
+                update={
+                    "windows": ["1m", "5m"],
+                    "interval_s": 5.0,
+                    "min_samples": 50,
+                    "label_delay_horizon_s": 60.0,
+                }
+            ),
         }
     )
     registry = ModelRegistry(settings.registry.root)
@@ -175,7 +184,13 @@ async def _serve_demo(settings: Settings, *, traffic: bool, rate: float, duratio
 
 async def _drive_demo_traffic(base: str, rate: float, duration: float) -> None:
     from service.demo.digits import digits_splits
-    from service.demo.traffic import DriftSchedule, TrafficGenerator, TrafficStats, drive
+    from service.demo.traffic import (
+        DriftSchedule,
+        TrafficGenerator,
+        TrafficStats,
+        drive,
+        send_feedback,
+    )
 
     generator = TrafficGenerator(digits_splits(), DriftSchedule.default(), seed=0)
     last_report = 0.0
@@ -188,11 +203,21 @@ async def _drive_demo_traffic(base: str, rate: float, duration: float) -> None:
         served = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_served_by.items()))
         print(
             f"traffic {stats.elapsed_s:5.0f}s phase={stats.phase:<10} sent={stats.sent} "
-            f"accuracy={stats.accuracy:.3f} degraded={stats.degraded} served_by: {served}",
+            f"accuracy={stats.accuracy:.3f} degraded={stats.degraded} labels={stats.labels_sent} "
+            f"served_by: {served}",
             file=sys.stderr,
         )
 
-    await drive(base, rate_per_s=rate, duration_s=duration, generator=generator, on_tick=report)
+    stats = TrafficStats()
+    # Half the true labels come back, 15 s late: the labelled metrics mature behind the rest.
+    labels = asyncio.create_task(send_feedback(base, stats, delay_s=15.0, share=0.5))
+    try:
+        await drive(
+            base, rate_per_s=rate, duration_s=duration, generator=generator, on_tick=report,
+            stats=stats,
+        )  # fmt: skip
+    finally:
+        labels.cancel()
 
 
 def _registry_list(args: argparse.Namespace, settings: Settings) -> int:

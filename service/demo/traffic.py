@@ -203,6 +203,7 @@ class TrafficStats:
     phase: str = ""
     elapsed_s: float = 0.0
     answered: deque[Answered] = field(default_factory=lambda: deque(maxlen=10_000))
+    labels_sent: int = 0  # acknowledged by /v1/feedback (see send_feedback)
 
     @property
     def accuracy(self) -> float:
@@ -222,13 +223,15 @@ async def drive(
     max_in_flight: int = 32,
     report_every_s: float = 1.0,
     timeout_s: float = 10.0,
+    stats: TrafficStats | None = None,
 ) -> TrafficStats:
     """POST batches to `{base_url}/v1/predict` at `rate_per_s` requests/s for `duration_s`.
 
     Open loop: request k is due at k / rate seconds whatever earlier requests are doing,
     so a slow service cannot slow the offered load; a tick that finds `max_in_flight`
     requests outstanding is counted as skipped instead of queued. `on_tick` gets the
-    stats about every `report_every_s` seconds and once at the end.
+    stats about every `report_every_s` seconds and once at the end; pass `stats` to share
+    them (e.g. with `send_feedback`, which labels answered requests late).
     """
     if rate_per_s <= 0 or duration_s < 0 or batch_size < 1 or max_in_flight < 1:
         raise ValueError("need rate_per_s > 0, duration_s ≥ 0, batch_size ≥ 1, max_in_flight ≥ 1")
@@ -245,6 +248,7 @@ async def drive(
             on_tick=on_tick,
             max_in_flight=max_in_flight,
             report_every_s=report_every_s,
+            stats=stats or TrafficStats(),
         )
     finally:
         if own_client:
@@ -262,9 +266,10 @@ async def _run(
     on_tick: Callable[[TrafficStats], None] | None,
     max_in_flight: int,
     report_every_s: float,
+    stats: TrafficStats,
 ) -> TrafficStats:
     loop = asyncio.get_running_loop()
-    stats, slots = TrafficStats(), asyncio.Semaphore(max_in_flight)
+    slots = asyncio.Semaphore(max_in_flight)
     pending: set[asyncio.Task[None]] = set()
     prefix, start, tick, next_report = secrets.token_hex(4), loop.time(), 0, report_every_s
     try:
@@ -339,3 +344,49 @@ def _record(
     if request_id in truth and isinstance(label, int):
         stats.correct += label == truth[request_id]
         stats.answered.append(Answered(request_id, truth[request_id], label, now))
+
+
+async def send_feedback(
+    base_url: str,
+    stats: TrafficStats,
+    *,
+    delay_s: float,
+    share: float,
+    seed: int = 0,
+    client: httpx.AsyncClient | None = None,
+    poll_s: float = 1.0,
+    max_batch: int = 256,
+) -> int:
+    """Send the true labels of answered requests back as delayed feedback, until cancelled.
+
+    Each answered request is labelled with probability `share`, `delay_s` seconds after
+    it was answered (labels in production arrive late and incompletely). Returns the
+    number of labels acknowledged.
+    """
+    rng = np.random.default_rng(seed)
+    loop = asyncio.get_running_loop()
+    own_client = client is None
+    http = client or httpx.AsyncClient(timeout=10.0)
+    url = base_url.rstrip("/") + "/v1/feedback"
+    acknowledged = 0
+    try:
+        while True:
+            due: list[Answered] = []
+            while stats.answered and stats.answered[0].answered_at + delay_s <= loop.time():
+                item = stats.answered.popleft()
+                if rng.random() < share:
+                    due.append(item)
+            for start in range(0, len(due), max_batch):
+                chunk = due[start : start + max_batch]
+                body = [{"request_id": a.request_id, "label": a.true_label} for a in chunk]
+                try:
+                    response = await http.post(url, json=body)
+                except httpx.HTTPError:
+                    continue  # labels are best effort in the demo; the next ones will come
+                if response.status_code == httpx.codes.OK:
+                    acknowledged += len(chunk)
+            stats.labels_sent = acknowledged
+            await asyncio.sleep(poll_s)
+    finally:
+        if own_client:
+            await http.aclose()

@@ -207,14 +207,14 @@ class Monitor:
     def _reference(self, connection: Connection, now: float) -> EntropyReference | None:
         """The frozen reference of the serving student version, frozen on first need."""
         manifest = self._student()
-        row = connection.execute(
-            select(EntropyReferenceRow).where(
+        frozen = connection.execute(
+            select(EntropyReferenceRow.reference).where(
                 EntropyReferenceRow.model == self._model,
                 EntropyReferenceRow.version == manifest.version,
             )
         ).scalar_one_or_none()
-        if row is not None:
-            return _reference_from_json(row.reference)
+        if frozen is not None:
+            return _reference_from_json(frozen)
         stored = self._registry.load_reference(manifest)
         if stored is not None:
             entropies, source = stored

@@ -65,7 +65,9 @@ async def test_windows_gauges_and_summary_agree(monitored: Settings, database: E
         labels = [{"request_id": rid, "label": i % 3} for i, rid in enumerate(ids)]
         assert (await client.post("/v1/feedback", json=labels)).status_code == 200
         monitor: Monitor = services.monitor
-        windows = await asyncio.to_thread(monitor.evaluate)
+        first = await asyncio.to_thread(monitor.evaluate)  # freezes the entropy reference
+        windows = await asyncio.to_thread(monitor.evaluate)  # reads it back
+        assert [w.values.keys() for w in first] == [w.values.keys() for w in windows]
         summary = (await client.get("/v1/monitoring/summary", params={"window": "1h"})).json()
         exposition = (await client.get("/metrics")).text
         bad = await client.get("/v1/monitoring/summary", params={"window": "7m"})
