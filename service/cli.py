@@ -192,7 +192,8 @@ async def _drive_demo_traffic(base: str, rate: float, duration: float) -> None:
         send_feedback,
     )
 
-    generator = TrafficGenerator(digits_splits(), DriftSchedule.default(), seed=0)
+    phases = DriftSchedule.default().phases  # a minute each, then round again: drift and recovery
+    generator = TrafficGenerator(digits_splits(), DriftSchedule(phases, cycle=True), seed=0)
     last_report = 0.0
 
     def report(stats: TrafficStats) -> None:
