@@ -193,6 +193,7 @@ def kdguard_config(
         "log_level": "warning",
         "server": {"host": HOST, "port": port, "shutdown_grace_s": 1},
         "registry": {"root": str(registry_root)},
+        "database": {"url": f"sqlite:///{registry_root.parent / 'kdguard.db'}"},
         "model": {"name": "tiny"},
         "routing": {"fallback_threshold": 0.6, "shadow_rate": 0.0, "seed": 7},
         "teacher": {
