@@ -51,7 +51,7 @@ def main() -> int:
         commands, envs = {}, {}
         for mode, port in ports.items():
             config = work / f"{mode}.json"
-            kdguard_config(config, work, port)
+            kdguard_config(config, work, port, recording=mode == "on")
             envs[mode] = {
                 **os.environ,
                 "KDGUARD_CONFIG": str(config),

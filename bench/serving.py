@@ -114,11 +114,13 @@ def build_models(data_dir: Path) -> tuple[Path, list[float]]:
     return registry.model_path(student), [float(v) for v in np.asarray(splits.test.x[0])]
 
 
-def kdguard_config(path: Path, data_dir: Path, port: int) -> None:
+def kdguard_config(path: Path, data_dir: Path, port: int, *, recording: bool = True) -> None:
     path.write_text(
         json.dumps(
             {
                 "registry": {"root": str(data_dir / "registry")},
+                "database": {"url": f"sqlite:///{data_dir / 'kdguard.db'}"},
+                "recording": {"enabled": recording},
                 "server": {"port": port},
                 "model": {"name": "digits"},
                 "routing": {"fallback_threshold": 0.6, "shadow_rate": 0.1},
@@ -144,6 +146,10 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    parser.add_argument(
+        "--recording", choices=["on", "off"], default="off",
+        help="record predictions to SQLite (bench/recording.py measures its cost alone)",
+    )  # fmt: skip
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk", file=sys.stderr)
@@ -152,7 +158,7 @@ def main() -> int:
     model_path, digit = build_models(work)
     peer_port, kd_port = free_port(), free_port()
     config = work / "kdguard.json"
-    kdguard_config(config, work, kd_port)
+    kdguard_config(config, work, kd_port, recording=args.recording == "on")
     env = {**os.environ, "PEER_MODEL": str(model_path), "KDGUARD_CONFIG": str(config)}
     uvicorn = [sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools",
                "--no-access-log", "--log-level", "warning"]  # fmt: skip
@@ -210,7 +216,12 @@ def main() -> int:
         },
         "shadow_sampled_total": float(shadowed.group(1)) if shadowed else 0.0,
         "runs": runs,
-        "settings": {"pairs": args.pairs, "seconds": args.seconds, "wrk": "-t1 -c16"},
+        "settings": {
+            "pairs": args.pairs,
+            "seconds": args.seconds,
+            "wrk": "-t1 -c16",
+            "recording": args.recording,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
