@@ -9,6 +9,7 @@ may swap the teacher backend or the recorder at the seams.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -97,6 +98,9 @@ def create_app(
         monitoring = None
         if services.monitor is not None:
             monitoring = asyncio.create_task(services.monitor.run(), name="kdguard-monitor")
+        if settings.server.gc_freeze:
+            gc.collect()
+            gc.freeze()
         services.ready = True
         log.info("serving %s student %s", deployment.name, deployment.engine.student.version)
         try:

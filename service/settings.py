@@ -76,6 +76,14 @@ class ServerSettings(BaseModel):
             "(writer, teacher) can hold it that long and stall the event loop."
         ),
     )
+    gc_freeze: bool = Field(
+        True,
+        description=(
+            "Move everything built at start-up out of the garbage collector's reach "
+            "(gc.freeze): full collections then skip the models and libraries, instead of "
+            "pausing every request for tens of milliseconds."
+        ),
+    )
     opentelemetry: bool = Field(
         False,
         description=(

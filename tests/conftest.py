@@ -43,6 +43,7 @@ def make_settings(registry_root: Path, **overrides: Any) -> Settings:
         "registry": {"root": registry_root},
         "database": {"url": f"sqlite:///{registry_root.parent / 'kdguard.db'}"},
         "recording": {"flush_interval_s": 0.05},
+        "server": {"gc_freeze": False},  # many apps per test process: nothing to freeze for
         "model": {"name": "tiny"},
         "routing": {"fallback_threshold": 0.6, "shadow_rate": 0.0, "seed": 7},
         "teacher": {"deadline_s": 0.2, "circuit": {"failure_threshold": 3, "reset_after_s": 0.3}},
