@@ -31,9 +31,6 @@ def make_engine(url: str, *, pool_size: int = 5, busy_timeout_s: float = 5.0) ->
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        # 64 MiB of page cache (the default is 2 MiB): request ids are random, so inserts
-        # touch index pages everywhere, and a cache miss stalls the writer on disk.
-        cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
 
     return engine
