@@ -6,6 +6,9 @@ versions, of which the active one is loaded and ready.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -19,6 +22,7 @@ from service.api.state import Services, ServicesDep
 from service.registry import Manifest
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+Handler = Callable[..., Awaitable[Any]]
 
 
 @router.get("/health/live", summary="Liveness")
@@ -66,19 +70,22 @@ async def version_ready(name: str, version: str, services: ServicesDep) -> Respo
     return _ready_response(services, inference.loaded_manifest(services, name, version))
 
 
-_INFER = {
-    "response_model": InferResponseBody,
-    "responses": error_responses(400, 401, 403, 404, 413, 415, 503),
-    "openapi_extra": request_body(InferRequestBody),
-}
+def _infer_route(path: str, summary: str) -> Callable[[Handler], Handler]:
+    return router.post(
+        path,
+        summary=summary,
+        response_model=InferResponseBody,
+        responses=error_responses(400, 401, 403, 404, 413, 415, 503),
+        openapi_extra=request_body(InferRequestBody),
+    )
 
 
-@router.post("/models/{name}/infer", summary="Infer", **_INFER)  # type: ignore[arg-type]
+@_infer_route("/models/{name}/infer", "Infer")
 async def infer(name: str, request: Request) -> Response:
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Infer with a version", **_INFER)  # type: ignore[arg-type]
+@_infer_route("/models/{name}/versions/{version}/infer", "Infer with a version")
 async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(request, name, version)
 

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, Engine, delete, func, insert, select
@@ -253,11 +254,11 @@ def _reference_to_json(reference: EntropyReference) -> dict[str, object]:
     }
 
 
-def _reference_from_json(data: dict[str, object]) -> EntropyReference:
+def _reference_from_json(data: dict[str, Any]) -> EntropyReference:
     return EntropyReference(
         edges=np.asarray(data["edges"], dtype=np.float64),
         shares=np.asarray(data["shares"], dtype=np.float64),
-        n=int(data["n"]),  # type: ignore[call-overload]
+        n=int(data["n"]),
         fine_counts=np.asarray(data["fine_counts"], dtype=np.int64),
     )
 

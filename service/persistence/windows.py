@@ -32,5 +32,7 @@ def latest_windows(
             .order_by(W.window_start.desc())
             .limit(1)
         ).scalar_one_or_none()
-        out.append(matured or next((r for r in rows if r.metric == metric), None))  # type: ignore[arg-type]
-    return [r for r in out if r is not None]
+        chosen = matured or next((r for r in rows if r.metric == metric), None)
+        if chosen is not None:
+            out.append(chosen)
+    return out
