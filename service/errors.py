@@ -1,7 +1,8 @@
 """One error hierarchy for the whole service.
 
 Each error carries the HTTP status it maps to and a short machine-readable code; the API
-layer turns any `KdguardError` into `{"error": {"code": ..., "message": ...}}` in one place.
+layer turns any `KdguardError` into `{"error": message, "code": code}` in one place
+(`service/api/errors.py`).
 Lower layers raise these and never import HTTP machinery.
 """
 

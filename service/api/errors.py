@@ -25,10 +25,15 @@ _HTTP_CODES = {
 }  # fmt: skip
 
 
+def error_body(message: str, code: str) -> bytes:
+    """The one error body every path sends (FastAPI handlers, fast path, middleware)."""
+    return orjson.dumps({"error": message, "code": code})
+
+
 def error_response(
     status: int, message: str, code: str, headers: dict[str, str] | None = None
 ) -> Response:
-    body = orjson.dumps({"error": message, "code": code})
+    body = error_body(message, code)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 

@@ -14,6 +14,7 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import inference
+from service.api.errors import error_body
 from service.api.state import Services
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,7 @@ class InferenceFastPath:
         except Exception:
             log.exception("unhandled error on %s", path)
             services.count_request(kind, 500)
-            reply = inference.Reply(
-                b'{"error":"internal server error","code":"internal_error"}', 500
-            )
+            reply = inference.Reply(error_body("internal server error", "internal_error"), 500)
         await _send(send, reply)
 
 

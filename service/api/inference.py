@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from service.api.auth import bearer_or_api_key
+from service.api.errors import error_body
 from service.api.inputs import (
     check_request_ids,
     check_routing_key,
@@ -50,8 +51,7 @@ class Reply:
 
 
 def error_reply(exc: KdguardError) -> Reply:
-    body = orjson.dumps({"error": exc.message, "code": exc.code})
-    return Reply(body, exc.status_code, _JSON, exc.headers)
+    return Reply(error_body(exc.message, exc.code), exc.status_code, _JSON, exc.headers)
 
 
 async def counted(services: Services, kind: str, work: Awaitable[Reply]) -> Reply:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import error_body
 
 
 class _TooLarge(Exception):
@@ -78,7 +79,7 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _reply(send: Send, status: int, message: str, code: str) -> None:
-    body = orjson.dumps({"error": message, "code": code})
+    body = error_body(message, code)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 413:
         headers.append((b"connection", b"close"))
