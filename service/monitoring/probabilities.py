@@ -27,7 +27,3 @@ def normalized_entropy(probs: Array) -> Array:
     h *= np.float32(-1.0 / np.log(probs.shape[1]))
     out: Array = np.minimum(h, np.float32(1.0), out=h)
     return out
-
-
-def all_finite(values: Array) -> bool:
-    return bool(np.isfinite(values).all())

@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -168,14 +167,6 @@ class ModelRegistry:
             raise ModelValidationError(f"{name}/{version} is a {manifest.role}, not a {role}")
         pointer = {**self.active(name), role: version}
         _atomic_write(self._dir(name) / ACTIVE_FILE, json.dumps(pointer, sort_keys=True))
-
-    def set_temperature(self, manifest: Manifest, temperature: float) -> Manifest:
-        """Rewrite the serving temperature (recalibration); T_ref stays frozen."""
-        updated = replace(manifest, temperature=temperature)
-        updated.check()
-        path = self._dir(manifest.name, manifest.version) / MANIFEST_FILE
-        _atomic_write(path, updated.to_json())
-        return updated
 
     def save_reference(self, manifest: Manifest, entropies: Sequence[float], source: str) -> None:
         """Store the held-out normalised entropies (at T_ref) that entropy drift is measured
