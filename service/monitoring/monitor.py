@@ -183,13 +183,15 @@ class Monitor:
             )
 
     def _set_gauges(self, windows: list[Window]) -> None:
-        latest: dict[tuple[str, str], tuple[Window, MetricValue]] = {}
+        newest: dict[str, Window] = {}
+        shown: dict[tuple[str, str], MetricValue] = {}
         for window in sorted(windows, key=lambda w: w.start):
+            newest[window.name] = window
             for metric, value in window.values.items():
                 if metric in LABELLED and not window.matured:
                     continue  # labelled metrics are shown (and alert) on matured windows only
-                latest[(window.name, metric)] = (window, value)
-        for (name, metric), (_, value) in latest.items():
+                shown[(window.name, metric)] = value
+        for (name, metric), value in shown.items():
             gauges = self._gauges.quality[metric]
             gauges.value.labels(self._model, name).set(value.value)
             gauges.ci_low.labels(self._model, name).set(value.ci_low)
@@ -199,11 +201,8 @@ class Monitor:
             gauges.samples.labels(self._model, name).set(value.n)
             gauges.effective_samples.labels(self._model, name).set(value.n_eff)
             gauges.alert.labels(self._model, name).set(_STATE_CODE[value.state])
-        for window in windows:
-            if window.start == max(w.start for w in windows if w.name == window.name):
-                self._gauges.label_completeness.labels(self._model, window.name).set(
-                    window.label_completeness
-                )
+        for name, window in newest.items():
+            self._gauges.label_completeness.labels(self._model, name).set(window.label_completeness)
 
     def _reference(self, connection: Connection, now: float) -> EntropyReference | None:
         """The frozen reference of the serving student version, frozen on first need."""
