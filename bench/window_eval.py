@@ -88,6 +88,7 @@ def load(engine_url: str, rows: int, created: float) -> None:
                 entropy=rng.beta(2, 5, per_batch).astype(np.float32),
                 inclusion_probability=pi,
                 fallback_threshold=0.6,
+                student_temperature=1.0,
                 student_seconds=1e-5,
                 teacher_seconds=1e-3,
                 total_seconds=1e-4,

@@ -60,6 +60,7 @@ def batches(count: int, classes: int = 10) -> list[PredictionBatch]:
                 entropy=np.full(1, 0.3, np.float32),
                 inclusion_probability=np.full(1, 0.1),
                 fallback_threshold=0.6,
+                student_temperature=1.0,
                 student_seconds=1e-5,
                 teacher_seconds=None,
                 total_seconds=1e-4,

@@ -28,6 +28,11 @@ ENTROPY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# Jobs take from seconds (a temperature fit) to an hour (a large re-distillation).
+JOB_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+JOB_KINDS = ("recalibrate", "retune_threshold", "redistill")
+JOB_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+ROLLOUT_STAGES = ("shadow", "ab", "promoted", "rolled_back")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,13 @@ class Instruments:
     database_up: Gauge
     quality: dict[str, QualityGauges]
     label_completeness: Gauge
+    trigger_firings: Counter
+    jobs: Counter
+    job_duration: Histogram
+    rollout_stage: Gauge
+    rollout_traffic_share: Gauge
+    rollout_gate: Gauge
+    rollout_decisions: Counter
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,58 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
             "Share of a window's predictions that have a label.",
             ("model", "kind"),
         ),
+        trigger_firings=counter(
+            "kdguard_trigger_firings",
+            "Trigger rules that fired, by action (kind) and rule name (reason).",
+            ("model", "kind", "reason"),
+        ),
+        jobs=counter(
+            "kdguard_jobs",
+            "Job status changes: each job counts once when created (pending) and once per "
+            "status it reaches.",
+            ("model", "kind", "status"),
+        ),
+        job_duration=histogram(
+            "kdguard_job_duration_seconds",
+            "Run time of finished jobs, by kind and final status.",
+            ("model", "kind", "status"),
+            JOB_BUCKETS,
+        ),
+        rollout_stage=gauge(
+            "kdguard_rollout_stage",
+            "1 for the stage (kind) a candidate version's rollout is in, 0 for the others.",
+            ("model", "version", "kind"),
+        ),
+        rollout_traffic_share=gauge(
+            "kdguard_rollout_traffic_share",
+            "Share of traffic a candidate version serves (0 in shadow).",
+            ("model", "version"),
+        ),
+        rollout_gate=gauge(
+            "kdguard_rollout_gate",
+            "Promotion gate statistics of a candidate against the incumbent, by statistic.",
+            ("model", "version", "kind"),
+        ),
+        rollout_decisions=counter(
+            "kdguard_rollout_decisions",
+            "Rollout decisions, by outcome (promoted, rolled_back).",
+            ("model", "outcome"),
+        ),
     )
+
+
+def initialise_loop_series(instruments: Instruments, model: str, rules: dict[str, str]) -> None:
+    """Create the loop's counter series at zero, so rates and alerts see them from start.
+
+    `rules` maps each trigger rule's name to its action.
+    """
+    for rule, action in rules.items():
+        instruments.trigger_firings.labels(model, action, rule)
+    for kind in JOB_KINDS:
+        for status in JOB_STATUSES:
+            instruments.jobs.labels(model, kind, status)
+    for outcome in ("promoted", "rolled_back"):
+        instruments.rollout_decisions.labels(model, outcome)
 
 
 def _quality(

@@ -56,6 +56,7 @@ class PredictionRecord:
     entropy: float
     inclusion_probability: float
     fallback_threshold: float
+    student_temperature: float
     student_seconds: float
     teacher_seconds: float | None
     total_seconds: float
@@ -94,6 +95,7 @@ class PredictionBatch:
     entropy: Array
     inclusion_probability: npt.NDArray[np.float64]
     fallback_threshold: float
+    student_temperature: float
     student_seconds: float
     teacher_seconds: float | None
     total_seconds: float
@@ -127,6 +129,7 @@ class PredictionBatch:
                     entropy=float(self.entropy[i]),
                     inclusion_probability=float(self.inclusion_probability[i]),
                     fallback_threshold=self.fallback_threshold,
+                    student_temperature=self.student_temperature,
                     student_seconds=self.student_seconds,
                     teacher_seconds=self.teacher_seconds if observed else None,
                     total_seconds=self.total_seconds,

@@ -48,6 +48,7 @@ def prediction_rows(batches: Sequence[PredictionBatch]) -> Rows:
         "routing_key": per_row([b.routing_key for b in batches]),
         "created_at": per_row([b.created_at for b in batches]),
         "fallback_threshold": per_row([b.fallback_threshold for b in batches]),
+        "student_temperature": per_row([b.student_temperature for b in batches]),
         "student_seconds": per_row([b.student_seconds for b in batches]),
         "total_seconds": per_row([b.total_seconds for b in batches]),
         "teacher_error": per_row([b.teacher_error for b in batches]),

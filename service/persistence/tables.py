@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -107,6 +108,9 @@ class Prediction(Base):
     kl_teacher_student: Mapped[float | None] = mapped_column(Float)  # KL(q‖p)
     inclusion_probability: Mapped[float] = mapped_column(Float)
     fallback_threshold: Mapped[float] = mapped_column(Float)
+    # T_s the student's probabilities were computed at (recalibration changes it at run
+    # time); NULL on rows written before it was recorded.
+    student_temperature: Mapped[float | None] = mapped_column(Float)
     student_probs: Mapped[bytes] = mapped_column(LargeBinary)  # float16, K values
     teacher_probs: Mapped[bytes | None] = mapped_column(LargeBinary)
     student_seconds: Mapped[float] = mapped_column(Float)
@@ -209,7 +213,24 @@ class TriggerFiring(Base):
 
 
 class Job(Base):
+    """A unit of loop work (recalibrate, retune_threshold, redistill) and its whole story.
+
+    At most one job per (model, rule) is open (pending or running): a partial unique index
+    makes that a database guarantee, so two replicas firing the same rule cannot both
+    create one. Manual jobs use the rule name `manual:<kind>`.
+    """
+
     __tablename__ = "jobs"
+    __table_args__ = (
+        Index(
+            "uq_jobs_open_rule",
+            "model",
+            "rule",
+            unique=True,
+            sqlite_where=text("status IN ('pending', 'running')"),
+            postgresql_where=text("status IN ('pending', 'running')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     model: Mapped[str] = mapped_column(String(64))
@@ -226,6 +247,10 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     artifact: Mapped[str | None] = mapped_column(String(256))
     error: Mapped[str | None] = mapped_column(Text)
+    runner: Mapped[str | None] = mapped_column(String(16))  # process | celery | cli
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    applied: Mapped[bool] = mapped_column(Boolean, default=False)  # effect carried out
 
 
 class Rollout(Base):
@@ -241,3 +266,49 @@ class Rollout(Base):
     decision: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    decided_at: Mapped[float | None] = mapped_column(Float)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # gate settings in force
+
+
+class RolloutOutput(Base):
+    """Both students' answers to one request sampled for a rollout: the gate's pairs.
+
+    `arm` says which one served ("incumbent" or "candidate"); labels, the teacher's answer
+    and π join in from `predictions` and `feedback` by request id.
+    """
+
+    __tablename__ = "rollout_outputs"
+
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    arm: Mapped[str] = mapped_column(String(16))
+    incumbent_label: Mapped[int] = mapped_column(SmallInteger)
+    incumbent_confidence: Mapped[float] = mapped_column(Float)
+    candidate_label: Mapped[int] = mapped_column(SmallInteger)
+    candidate_confidence: Mapped[float] = mapped_column(Float)
+    incumbent_seconds: Mapped[float] = mapped_column(Float)
+    candidate_seconds: Mapped[float] = mapped_column(Float)
+
+
+class ServingState(Base):
+    """What every replica of a deployment serves; the loop and the admin API change it.
+
+    Replicas poll `revision` and apply a change without a restart, so a job finished on
+    a worker, or an admin call answered by another replica, reaches all of them.
+    """
+
+    __tablename__ = "serving_state"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    student_version: Mapped[str] = mapped_column(String(64))
+    temperature: Mapped[float] = mapped_column(Float)
+    fallback_threshold: Mapped[float] = mapped_column(Float)
+    shadow_rate: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)

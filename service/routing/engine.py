@@ -149,7 +149,8 @@ class InferenceEngine:
         self._meter.student_outputs(confidence, entropy)
         rate = self._shadow_rate if has_teacher else 0.0
         rows = _Rows(
-            engine=self, student_version=student.version, routing_key=routing_key,
+            engine=self, student_version=student.version,
+            student_temperature=manifest.temperature, routing_key=routing_key,
             ids=answer.request_ids, student_probs=probs, confidence=confidence, entropy=entropy,
             low=low, pi=inclusion_probability(low, rate), answer=answer,
             student_seconds=student_seconds, total_seconds=total_seconds,
@@ -249,6 +250,7 @@ class _Rows:
 
     engine: InferenceEngine
     student_version: str
+    student_temperature: float
     routing_key: str | None
     ids: list[str]
     student_probs: Array
@@ -317,6 +319,7 @@ class _Rows:
             entropy=pick(self.entropy),
             inclusion_probability=pick(self.pi),
             fallback_threshold=self.engine.fallback_threshold,
+            student_temperature=self.student_temperature,
             student_seconds=self.student_seconds,
             teacher_seconds=teacher_seconds,
             total_seconds=self.total_seconds,

@@ -68,6 +68,7 @@ def test_window_statistics_from_sql_equal_the_batch_statistics(database: Engine)
                 entropy=entropy[i : i + 1],
                 inclusion_probability=pi[i : i + 1],
                 fallback_threshold=0.6,
+                student_temperature=1.0,
                 student_seconds=0.0,
                 teacher_seconds=None,
                 total_seconds=0.0,

@@ -32,7 +32,8 @@ def batch(n: int = 1, *, teacher: bool = False, inputs: bool = False) -> Predict
         student_probs=probs, teacher_probs=q, teacher_outcome=[outcome] * n, teacher_error=None,
         served_by_teacher=np.zeros(n, np.bool_), degraded=np.zeros(n, np.bool_),
         confidence=probs.max(axis=1), entropy=np.full(n, 0.5, np.float32),
-        inclusion_probability=np.full(n, 0.1), fallback_threshold=0.6, student_seconds=1e-4,
+        inclusion_probability=np.full(n, 0.1), fallback_threshold=0.6, student_temperature=1.0,
+        student_seconds=1e-4,
         teacher_seconds=2e-3 if teacher else None, total_seconds=2e-4,
         inputs=np.ones((n, 4), np.float32) if inputs else None,
     )  # fmt: skip
