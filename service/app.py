@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.telemetry import TelemetryConfig
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from sqlalchemy import Engine
 from starlette.responses import Response
 
@@ -38,6 +39,11 @@ from service.backends.onnx import load_onnx_model
 from service.backends.remote import RemoteTeacher
 from service.backends.teacher import LocalTeacher, TeacherBackend
 from service.errors import ConfigError, TeacherError
+from service.monitoring.exposition import (
+    exposition,
+    forget_previous_process_with_my_pid,
+    multiprocess_dir,
+)
 from service.monitoring.instruments import Instruments, build_instruments
 from service.monitoring.monitor import Monitor
 from service.monitoring.records import NullRecorder, Recorder
@@ -48,7 +54,7 @@ from service.persistence.writer import PredictionWriter
 from service.registry import ModelRegistry
 from service.routing.deployment import Deployment
 from service.routing.engine import InferenceEngine
-from service.settings import Settings
+from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +144,21 @@ def create_app(
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus exposition")
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def create_app_from_environment() -> FastAPI:
+    """The app of one worker of `kdguard serve` with `server.workers > 1`.
+
+    Settings come from `KDGUARD_CONFIG` and the environment, as the parent set them.
+    """
+    settings = load_settings()
+    sys.setswitchinterval(settings.server.gil_switch_interval_s)
+    if (directory := multiprocess_dir()) is not None:
+        forget_previous_process_with_my_pid(directory)
+    return create_app(settings)
 
 
 def _monitor(

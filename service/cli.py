@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -102,19 +104,65 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    options: dict[str, Any] = {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": int(settings.server.shutdown_grace_s) or None,
+    }
+    if settings.server.workers > 1:
+        return _serve_workers(args, settings, options)
+    from service.monitoring.exposition import multiprocess_dir, prepare_multiprocess_dir
+
+    if (directory := multiprocess_dir()) is not None:  # set from outside: still start clean
+        prepare_multiprocess_dir(directory)
     from service.app import create_app
 
     sys.setswitchinterval(settings.server.gil_switch_interval_s)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
-    )
+    uvicorn.run(create_app(settings), **options)
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings, options: dict[str, Any]) -> int:
+    """Several worker processes on one port; each builds its app from the environment.
+
+    The database is migrated once here, not raced by every worker. The workers are spawned
+    (fresh interpreters), so the variables set here reach them before prometheus_client is
+    imported: that is what puts them in multiprocess mode.
+    """
+    import tempfile
+
+    import uvicorn
+
+    from service.monitoring.exposition import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    if settings.database.auto_migrate:
+        from service.persistence import migrate
+        from service.persistence.database import make_engine
+
+        engine = make_engine(settings.database.url.get_secret_value())
+        migrate.upgrade(engine)
+        engine.dispose()
+        os.environ["KDGUARD_DATABASE__AUTO_MIGRATE"] = "false"
+    if getattr(args, "config", None):
+        os.environ["KDGUARD_CONFIG"] = str(Path(args.config).resolve())
+    with contextlib.ExitStack() as stack:
+        directory = settings.server.metrics_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="kdguard-metrics-"))
+        )
+        prepare_multiprocess_dir(directory)
+        os.environ[MULTIPROC_ENV] = str(directory.resolve())
+        log.info("%d workers; Prometheus multiprocess files in %s", settings.server.workers,
+                 directory)  # fmt: skip
+        uvicorn.run(
+            "service.app:create_app_from_environment",
+            factory=True,
+            workers=settings.server.workers,
+            **options,
+        )
     return 0
 
 

@@ -94,6 +94,21 @@ class ServerSettings(BaseModel):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="Seconds to finish in-flight work on SIGTERM."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Server processes on this host, sharing its port (`kdguard serve`). More than one "
+            "turns on Prometheus multiprocess mode: /metrics adds up every process."
+        ),
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description=(
+            "Directory for the Prometheus multiprocess files when workers > 1 (its *.db files "
+            "are removed at start); default: a new temporary directory, removed at exit."
+        ),
+    )
 
 
 class RegistrySettings(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -28,6 +29,7 @@ ENTROPY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+GaugeMode = Literal["livesum", "livemax", "livemin", "livemostrecent"]
 # Jobs take from seconds (a temperature fit) to an hour (a large re-distillation).
 JOB_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 JOB_KINDS = ("recalibrate", "retune_threshold", "redistill")
@@ -99,9 +101,14 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
     def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
         return Counter(name, doc, labels, registry=registry)
 
-    def gauge(name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
-        # "livesum"/"liveall" matter only in multiprocess mode, where gauges need a rule.
-        return Gauge(name, doc, labels, registry=registry, multiprocess_mode="liveall")
+    def gauge(
+        name: str, doc: str, labels: tuple[str, ...], mode: GaugeMode = "livemostrecent"
+    ) -> Gauge:
+        # With several workers per host (multiprocess mode) each process holds its own value
+        # and `mode` says how a scrape combines them; "live" modes forget dead workers.
+        # The default, the most recently set value, suits values every worker sets alike
+        # (settings, quality windows, rollout state); such gauges cannot inc()/dec().
+        return Gauge(name, doc, labels, registry=registry, multiprocess_mode=mode)
 
     def histogram(
         name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
@@ -155,16 +162,19 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
             "kdguard_teacher_queue_depth",
             "Rows waiting for the teacher, by kind.",
             ("model", "kind"),
+            "livesum",  # each worker has its own queue
         ),
         teacher_in_flight=gauge(
             "kdguard_teacher_in_flight",
             "Teacher calls in flight.",
             ("model",),
+            "livesum",
         ),
         circuit_state=gauge(
             "kdguard_teacher_circuit_state",
             "Teacher circuit breaker: 0 closed, 1 half-open, 2 open.",
             ("model",),
+            "livemax",  # one breaker per worker: open if any is open
         ),
         confidence=histogram(
             "kdguard_student_confidence",
@@ -182,6 +192,7 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
             "kdguard_model_info",
             "1 for each loaded version, by kind (student/teacher).",
             ("model", "version", "kind"),
+            "livemax",  # loaded in any live worker
         ),
         temperature=gauge(
             "kdguard_student_temperature",
@@ -212,7 +223,10 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
             ("model", "reason"),
         ),
         writer_queue_rows=gauge(
-            "kdguard_writer_queue_rows", "Prediction records waiting for the database.", ("model",)
+            "kdguard_writer_queue_rows",
+            "Prediction records waiting for the database.",
+            ("model",),
+            "livesum",
         ),
         writer_flush_seconds=histogram(
             "kdguard_writer_flush_duration_seconds",
@@ -221,7 +235,10 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
             LATENCY_BUCKETS,
         ),
         database_up=gauge(
-            "kdguard_database_up", "1 while the last database write succeeded.", ("model",)
+            "kdguard_database_up",
+            "1 while the last database write succeeded.",
+            ("model",),
+            "livemin",  # down if any worker's writes fail
         ),
         quality={name: _quality(gauge, name, doc) for name, doc in QUALITY_METRICS.items()},
         label_completeness=gauge(
