@@ -25,6 +25,7 @@ from service import __version__
 from service.api import (
     routes_admin,
     routes_feedback,
+    routes_loop,
     routes_monitoring,
     routes_oip,
     routes_v1,
@@ -39,6 +40,8 @@ from service.backends.onnx import load_onnx_model
 from service.backends.remote import RemoteTeacher
 from service.backends.teacher import LocalTeacher, TeacherBackend
 from service.errors import ConfigError, TeacherError
+from service.jobs.controller import Controller
+from service.jobs.runners import make_runner
 from service.monitoring.exposition import (
     exposition,
     forget_previous_process_with_my_pid,
@@ -100,10 +103,19 @@ def create_app(
                 flush_writer=writer.flush if writer is not None else None,
             ),
         )
+        services.controller = Controller(
+            settings=settings, database=database, deployment=deployment,
+            instruments=instruments, runner=make_runner(settings, database),
+        )  # fmt: skip
+        try:
+            await services.controller.start()
+        except Exception as exc:  # the database may be down: serve, and follow it later
+            log.warning("could not read the stored serving state (%s); serving as configured", exc)
         app.state.services = services
-        monitoring = None
+        controlling = asyncio.create_task(services.controller.run(), name="kdguard-controller")
+        tasks: list[asyncio.Task[None]] = []
         if services.monitor is not None:
-            monitoring = asyncio.create_task(services.monitor.run(), name="kdguard-monitor")
+            tasks.append(asyncio.create_task(services.monitor.run(), name="kdguard-monitor"))
         if settings.server.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -113,8 +125,12 @@ def create_app(
             yield
         finally:
             services.ready = False
-            if monitoring is not None:
-                monitoring.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            services.controller.stop()
+            await controlling
+            await services.controller.close()
             await deployment.engine.close()  # shadow work still queued ends as dropped records
             if writer is not None:
                 await asyncio.to_thread(writer.close, settings.server.shutdown_grace_s)
@@ -141,6 +157,7 @@ def create_app(
     app.include_router(routes_feedback.router)
     app.include_router(routes_monitoring.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_loop.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus exposition")
     async def metrics(request: Request) -> Response:

@@ -8,6 +8,7 @@ documented here; the README's configuration table is generated from the same des
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from enum import StrEnum
@@ -293,6 +294,121 @@ class MonitoringSettings(BaseModel):
         return value
 
 
+class TriggerRule(BaseModel):
+    """One rule of the closed loop: when a metric's window statistic crosses a value."""
+
+    name: str = Field(pattern=NAME_PATTERN.pattern, description="Unique rule name.")
+    metric: Literal["flip_rate", "accuracy_gap", "teacher_gap", "entropy_drift_js", "ece"]
+    statistic: Literal["value", "ci_low", "ci_high", "alert"] = Field(
+        "value", description="Which number of the metric window is compared."
+    )
+    comparison: Literal[">", ">=", "<", "<="] = ">"
+    value: float | None = Field(
+        None, description="Threshold; None compares with the window's own threshold."
+    )
+    window: str = Field("1h", description="Which monitoring window the rule reads.")
+    min_samples: float = Field(100, ge=1, description="Fewest effective samples (n_eff).")
+    consecutive: int = Field(2, ge=1, description="Windows in a row that must cross.")
+    matured_only: bool = Field(True, description="Only windows whose labels matured count.")
+    cooldown_s: float = Field(3600, ge=0, description="Quiet time after a firing.")
+    unless_alerting: list[str] = Field(
+        default_factory=list, description="Metrics whose newest window in alert vetoes the rule."
+    )
+    action: Literal["recalibrate", "retune_threshold", "redistill", "alert_only"]
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters for the job.")
+
+    @field_validator("window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        duration_seconds(value)
+        return value
+
+
+def _default_rules() -> list[TriggerRule]:
+    """METRICS.md "Actions": ECE alone → recalibrate; gap or served flips → re-distil."""
+    return [
+        TriggerRule(
+            name="miscalibrated", metric="ece", statistic="alert", comparison=">=", value=1.0,
+            consecutive=2, unless_alerting=["accuracy_gap"], action="recalibrate",
+        ),
+        TriggerRule(
+            name="accuracy-gap", metric="accuracy_gap", statistic="ci_low", comparison=">",
+            consecutive=1, action="redistill",
+        ),
+        TriggerRule(
+            name="flips", metric="flip_rate", statistic="ci_low", comparison=">",
+            consecutive=3, matured_only=False, action="redistill",
+        ),
+        TriggerRule(
+            name="entropy-drift", metric="entropy_drift_js", statistic="alert", comparison=">=",
+            value=1.0, consecutive=2, matured_only=False, action="alert_only",
+        ),
+    ]  # fmt: skip
+
+
+class TriggerSettings(BaseModel):
+    enabled: bool = Field(True, description="Evaluate trigger rules after each monitor pass.")
+    rules: list[TriggerRule] = Field(
+        default_factory=_default_rules, description="The rules (defaults follow METRICS.md)."
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, value: list[TriggerRule]) -> list[TriggerRule]:
+        names = [rule.name for rule in value]
+        if len(set(names)) < len(names):
+            raise ValueError("trigger rule names must be unique")
+        return value
+
+
+class JobSettings(BaseModel):
+    runner: Literal["process", "celery", "none"] = Field(
+        "process",
+        description=(
+            "Where jobs run: a child process of the server (a crash or OOM never takes it "
+            "down), Celery workers (`kdguard worker`), or nowhere (jobs wait as pending)."
+        ),
+    )
+    timeout_s: float = Field(1800, gt=0, description="A job running longer is killed and failed.")
+    max_running: int = Field(1, ge=1, description="Jobs one server runs at once (process runner).")
+    broker_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Celery broker (redis://… or amqp://…) for the celery runner.",
+    )
+    queue: str = Field("kdguard-jobs", description="Celery queue name.")
+    apply_interval_s: float = Field(
+        2.0, gt=0, description="How often a server picks up finished jobs and state changes."
+    )
+
+
+class RolloutSettings(BaseModel):
+    sample_rate: float = Field(
+        0.5, gt=0, le=1, description="Share of requests on which both students run in a rollout."
+    )
+    ab_share: float = Field(
+        0.2, gt=0, lt=1, description="Share of routing keys the candidate serves in A/B."
+    )
+    min_pairs: int = Field(300, ge=10, description="Paired requests the gate needs per stage.")
+    min_labelled: int = Field(
+        100, ge=0, description="Labelled pairs the gate needs for the accuracy test."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance of the gate's tests.")
+    max_churn: float = Field(
+        0.15, gt=0, le=1, description="Most share of requests where the two students disagree."
+    )
+    max_ece_increase: float = Field(0.02, ge=0, description="ECE the candidate may add.")
+    max_agreement_drop: float = Field(
+        0.01, ge=0, description="Teacher agreement the candidate may lose."
+    )
+    max_latency_ratio: float = Field(1.5, gt=0, description="Candidate/incumbent p50 latency.")
+    auto_advance: bool = Field(True, description="Move shadow → A/B when the gate passes.")
+    auto_promote: bool = Field(True, description="Promote from A/B when the gate passes.")
+    auto_rollback: bool = Field(True, description="Roll back when the gate fails.")
+    stuck_after_s: float = Field(
+        86_400, gt=0, description="A rollout in one stage this long is reported stuck."
+    )
+
+
 class ApiKey(BaseModel):
     name: str = Field(description="Who holds the key (appears in logs, never the key).")
     key: SecretStr = Field(description="The key itself, at least 16 characters.")
@@ -338,6 +454,9 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    triggers: TriggerSettings = Field(default_factory=TriggerSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -419,3 +538,14 @@ def _walk(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
             shown = "(empty)"
         rows.append((path, shown, (field.description or "").replace("|", "\\|")))
     return rows
+
+
+def settings_json(settings: Settings) -> str:
+    """The settings as JSON with secrets in clear, for a child process's stdin only."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        return str(value)
+
+    return json.dumps(settings.model_dump(mode="python"), default=plain)

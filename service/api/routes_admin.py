@@ -41,11 +41,14 @@ async def get_model(name: str, services: ServicesDep, _: AdminKey) -> ModelPubli
     summary="Validate, warm and activate a student version without a restart",
     responses=error_responses(404, 409, 422),
 )
-async def activate(name: str, version: str, services: ServicesDep, _: AdminKey) -> VersionPublic:
+async def activate(name: str, version: str, services: ServicesDep, key: AdminKey) -> VersionPublic:
     deployment = services.deployment
     if name != deployment.name:
         raise NotFoundError(f"this server serves {deployment.name!r}, not {name!r}")
-    manifest = await deployment.activate_student(version)
+    if services.controller is None:
+        manifest = await deployment.activate_student(version)
+    else:
+        manifest = await services.controller.activate(version, actor=f"admin:{key}")
     return _version(manifest, active=True)
 
 
@@ -58,7 +61,7 @@ async def get_routing(services: ServicesDep, _: AdminKey) -> RoutingPublic:
 
 
 @router.put("/routing", summary="Change τ and/or π₀ at run time", responses=error_responses(422))
-async def set_routing(update: RoutingUpdate, services: ServicesDep, _: AdminKey) -> RoutingPublic:
+async def set_routing(update: RoutingUpdate, services: ServicesDep, key: AdminKey) -> RoutingPublic:
     engine = services.deployment.engine
     tau = (
         engine.fallback_threshold
@@ -66,8 +69,13 @@ async def set_routing(update: RoutingUpdate, services: ServicesDep, _: AdminKey)
         else update.fallback_threshold
     )
     rate = engine.shadow_rate if update.shadow_rate is None else update.shadow_rate
-    engine.set_routing(tau, rate)
-    return RoutingPublic(fallback_threshold=tau, shadow_rate=rate)
+    if services.controller is None:
+        engine.set_routing(tau, rate)
+    else:
+        await services.controller.set_routing(tau, rate, actor=f"admin:{key}")
+    return RoutingPublic(
+        fallback_threshold=engine.fallback_threshold, shadow_rate=engine.shadow_rate
+    )
 
 
 def _model(services: ServicesDep, name: str) -> ModelPublic:

@@ -6,7 +6,7 @@ models describe exactly the same bodies so the spec, the docs and clients agree.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -137,3 +137,76 @@ def request_body(model: type[BaseModel], *, many: bool = False) -> dict[str, Any
     if many:
         schema = {"anyOf": [schema, {"type": "array", "items": schema}]}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+class JobPublic(BaseModel):
+    id: int
+    model: str
+    kind: str
+    status: str = Field(description="pending, running, succeeded, failed or cancelled.")
+    rule: str | None = Field(
+        description="The trigger rule that created it (manual:<kind> by hand)."
+    )
+    params: dict[str, Any]
+    evidence: dict[str, Any] = Field(description="The metric windows that fired its rule.")
+    progress: float = Field(description="Fraction done, 0 to 1.")
+    progress_message: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: dict[str, Any] | None
+    error: str | None
+    runner: str | None
+    cancel_requested: bool
+    applied: bool = Field(description="Its effect (new T, new τ, a rollout) was carried out.")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["recalibrate", "retune_threshold", "redistill"]
+    params: dict[str, Any] = Field(default_factory=dict, description="The job body's options.")
+
+
+class RolloutPublic(BaseModel):
+    id: int
+    model: str
+    candidate_version: str
+    incumbent_version: str
+    stage: str = Field(description="shadow, ab, promoted or rolled_back.")
+    traffic_share: float
+    statistics: dict[str, Any] = Field(description="The promotion gate's latest statistics.")
+    decision: str | None
+    created_at: float
+    updated_at: float = Field(description="When it entered its current stage.")
+    job_id: int | None
+    decided_at: float | None
+    config: dict[str, Any]
+
+
+class RolloutCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ThresholdsPublic(BaseModel):
+    fallback_threshold: float
+    shadow_rate: float
+    threshold_mode: dict[str, Any] | None = Field(description="How τ was last chosen, if retuned.")
+    rules: list[dict[str, Any]] = Field(description="Trigger rules in force (with overrides).")
+    rollout: dict[str, Any] = Field(description="Promotion gate settings.")
+
+
+class RuleUpdate(BaseModel):
+    """Fields of one trigger rule to override at run time (stored, all replicas follow)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: float | None = None
+    statistic: Literal["value", "ci_low", "ci_high", "alert"] | None = None
+    comparison: Literal[">", ">=", "<", "<="] | None = None
+    min_samples: float | None = Field(None, ge=1)
+    consecutive: int | None = Field(None, ge=1)
+    cooldown_s: float | None = Field(None, ge=0)
+    action: Literal["recalibrate", "retune_threshold", "redistill", "alert_only"] | None = None

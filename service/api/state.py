@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.auth import KeyRing
+from service.jobs.controller import Controller
 from service.monitoring.instruments import Instruments
 from service.monitoring.monitor import Monitor
 from service.persistence.feedback import FeedbackStore
@@ -27,6 +28,7 @@ class Services:
     feedback: FeedbackStore
     sessions: sessionmaker[Session]
     monitor: Monitor | None = None
+    controller: Controller | None = None
     ready: bool = False
     _request_counters: dict[tuple[str, str], Counter] = field(default_factory=dict)
 

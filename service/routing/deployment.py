@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from service.backends.onnx import OnnxModel, load_onnx_model
@@ -45,6 +46,25 @@ class Deployment:
             self._activations.labels(self.name, "student", "succeeded").inc()
             log.info("student %s/%s active (was %s)", self.name, version, old.version)
             return manifest
+
+    async def load_candidate(self, version: str) -> OnnxModel:
+        """Load and validate a version to run beside the active one (a rollout)."""
+        manifest = self.registry.manifest(self.name, version)
+        model = await asyncio.to_thread(load_onnx_model, self.registry, manifest)
+        self._check_compatible(model)
+        return model
+
+    def set_temperature(self, temperature: float) -> None:
+        """Serve the active student at a new temperature T_s (a recalibration), no reload.
+
+        T_ref stays as registered, so entropy drift is unaffected.
+        """
+        current = self.engine.student
+        if current.manifest.temperature == temperature:
+            return
+        manifest = dataclasses.replace(current.manifest, temperature=temperature)
+        self.engine.swap_student(dataclasses.replace(current, manifest=manifest))
+        log.info("student %s/%s now at T=%.4f", self.name, current.version, temperature)
 
     def _check_compatible(self, model: OnnxModel) -> None:
         current = self.engine.student.manifest

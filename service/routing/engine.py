@@ -25,6 +25,7 @@ from service.monitoring.probabilities import normalized_entropy, softmax
 from service.monitoring.records import BoolArray, PredictionBatch, Recorder, TeacherOutcome
 from service.routing.cascade import inclusion_probability, needs_teacher, sample_shadow
 from service.routing.metering import Meter
+from service.routing.rollout import RolloutPlan
 from service.settings import RoutingSettings
 
 
@@ -83,6 +84,7 @@ class InferenceEngine:
         self._rng = np.random.default_rng(routing.seed)
         self._meter = Meter(instruments, model_name)
         self._student = student
+        self._rollout: RolloutPlan | None = None
         self._meter.loaded(student, kind="student")
         if dispatcher is not None:
             self._meter.loaded_teacher(dispatcher.backend.version)
@@ -118,6 +120,15 @@ class InferenceEngine:
         self._meter.loaded(model, kind="student")
         return old
 
+    @property
+    def rollout(self) -> RolloutPlan | None:
+        return self._rollout
+
+    def set_rollout(self, plan: RolloutPlan | None) -> RolloutPlan | None:
+        """Start, change or (None) end the candidate's part in traffic; returns the old plan."""
+        old, self._rollout = self._rollout, plan
+        return old
+
     async def close(self) -> None:
         if self.dispatcher is not None:
             await self.dispatcher.close()
@@ -133,11 +144,29 @@ class InferenceEngine:
         routing_key: str | None = None,
     ) -> Answer:
         started = time.perf_counter()
-        student = self._student
+        student, plan = self._student, self._rollout
+        by_candidate = plan is not None and plan.serves_candidate(routing_key, self._rng)
+        if by_candidate:
+            assert plan is not None
+            student = plan.candidate
         logits = await self._student_logits(student, x)
         student_seconds = time.perf_counter() - started
         manifest = student.manifest
         probs = softmax(logits, manifest.temperature)
+        if plan is not None and self._rng.random() < plan.sample_rate:
+            other = self._student if by_candidate else plan.candidate
+            other_started = time.perf_counter()
+            other_probs = softmax(await self._student_logits(other, x), other.manifest.temperature)
+            other_seconds = time.perf_counter() - other_started
+            ids = list(request_ids) if request_ids is not None else [_new_id() for _ in x]
+            request_ids = ids
+            plan.record_pairs(
+                ids, arm="candidate" if by_candidate else "incumbent",
+                incumbent=other_probs if by_candidate else probs,
+                candidate=probs if by_candidate else other_probs,
+                incumbent_seconds=other_seconds if by_candidate else student_seconds,
+                candidate_seconds=student_seconds if by_candidate else other_seconds,
+            )  # fmt: skip
         confidence = probs.max(axis=1)
         has_teacher = self.dispatcher is not None
         low = needs_teacher(confidence, self._tau) if has_teacher else np.zeros(len(x), np.bool_)
