@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--config", type=Path, help="YAML settings file")
     config.add_argument("--describe", action="store_true", help="print every setting as a table")
     config.set_defaults(handler=_config)
+    from service.loop_cli import add_commands
+
+    add_commands(commands)  # job, jobs, rollout, worker
     return parser
 
 

@@ -35,7 +35,7 @@ from service.jobs.runners import Runner
 from service.monitoring.instruments import ROLLOUT_STAGES, Instruments, initialise_loop_series
 from service.persistence import loop
 from service.persistence.database import is_postgres
-from service.registry import Manifest
+from service.registry import Manifest, ModelRegistry
 from service.routing.deployment import Deployment
 from service.routing.rollout import RolloutPlan
 from service.settings import Settings, TriggerRule
@@ -357,14 +357,11 @@ class Controller:
         self, rollout_id: int, *, actor: str, statistics: dict[str, Any] | None = None
     ) -> loop.RolloutRow:
         """shadow → A/B: the candidate starts serving its share of routing keys."""
+        default_share = self._settings.rollout.ab_share
 
         def work(connection: Connection) -> loop.RolloutRow:
-            current = loop.get_rollout(connection, rollout_id)
-            share = float(current.config.get("ab_share", self._settings.rollout.ab_share))
-            return loop.move_rollout(
-                connection, rollout_id, from_stages=["shadow"], to_stage="ab", actor=actor,
-                traffic_share=share, statistics=statistics,
-            )  # fmt: skip
+            return advance_rollout(connection, rollout_id, actor=actor,
+                                   default_share=default_share, statistics=statistics)  # fmt: skip
 
         row = await self._db_call(work)
         await self.sync()
@@ -377,16 +374,8 @@ class Controller:
         registry = self._deployment.registry
 
         def work(connection: Connection) -> loop.RolloutRow:
-            row = loop.move_rollout(
-                connection, rollout_id, from_stages=["shadow", "ab"], to_stage="promoted",
-                actor=actor, traffic_share=1.0, statistics=statistics, decision="promoted",
-            )  # fmt: skip
-            manifest = registry.manifest(row.model, row.candidate_version)
-            loop.change_state(
-                connection, model=row.model, actor=actor, reason="rollout.promoted",
-                student_version=row.candidate_version, temperature=manifest.temperature,
-            )  # fmt: skip
-            return row
+            return promote_rollout(connection, registry, rollout_id, actor=actor,
+                                   statistics=statistics)  # fmt: skip
 
         row = await self._db_call(work)
         self._m.rollout_decisions.labels(self.model, "promoted").inc()
@@ -399,11 +388,8 @@ class Controller:
     ) -> loop.RolloutRow:
         """The candidate leaves traffic; the incumbent (which never stopped) serves all."""
         row = await self._db_call(
-            lambda c: loop.move_rollout(
-                c, rollout_id, from_stages=["shadow", "ab"], to_stage="rolled_back",
-                actor=actor, traffic_share=0.0, statistics=statistics, decision="rolled_back",
-            )
-        )  # fmt: skip
+            lambda c: rollback_rollout(c, rollout_id, actor=actor, statistics=statistics)
+        )
         self._m.rollout_decisions.labels(self.model, "rolled_back").inc()
         await self.sync()
         self._rollout_gauges(row.id, row.candidate_version, row)
@@ -473,6 +459,57 @@ class Controller:
         self._m.jobs.labels(self.model, kind, "pending").inc()
         await self._dispatch()
         return job
+
+
+def advance_rollout(
+    connection: Connection,
+    rollout_id: int,
+    *,
+    actor: str,
+    default_share: float,
+    statistics: dict[str, Any] | None = None,
+) -> loop.RolloutRow:
+    """shadow → A/B, in the database (the controller and the CLI share it)."""
+    current = loop.get_rollout(connection, rollout_id)
+    share = float(current.config.get("ab_share", default_share))
+    return loop.move_rollout(
+        connection, rollout_id, from_stages=["shadow"], to_stage="ab", actor=actor,
+        traffic_share=share, statistics=statistics,
+    )  # fmt: skip
+
+
+def promote_rollout(
+    connection: Connection,
+    registry: ModelRegistry,
+    rollout_id: int,
+    *,
+    actor: str,
+    statistics: dict[str, Any] | None = None,
+) -> loop.RolloutRow:
+    """The rollout's candidate becomes the stored serving version: one transaction."""
+    row = loop.move_rollout(
+        connection, rollout_id, from_stages=["shadow", "ab"], to_stage="promoted",
+        actor=actor, traffic_share=1.0, statistics=statistics, decision="promoted",
+    )  # fmt: skip
+    manifest = registry.manifest(row.model, row.candidate_version)
+    loop.change_state(
+        connection, model=row.model, actor=actor, reason="rollout.promoted",
+        student_version=row.candidate_version, temperature=manifest.temperature,
+    )  # fmt: skip
+    return row
+
+
+def rollback_rollout(
+    connection: Connection,
+    rollout_id: int,
+    *,
+    actor: str,
+    statistics: dict[str, Any] | None = None,
+) -> loop.RolloutRow:
+    return loop.move_rollout(
+        connection, rollout_id, from_stages=["shadow", "ab"], to_stage="rolled_back",
+        actor=actor, traffic_share=0.0, statistics=statistics, decision="rolled_back",
+    )  # fmt: skip
 
 
 def _newest_alert(windows: list[dict[str, Any]], metric: str) -> bool:
