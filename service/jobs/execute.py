@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from service import faults
 from service.errors import ConflictError
 from service.jobs.context import JobBody, JobCancelled, JobContext, Progress
 from service.persistence import loop
@@ -101,6 +102,7 @@ def _run(
     status, result, error = "succeeded", None, None
     try:
         progress(0.0, "starting")
+        faults.point("job.body")
         result = body_for(job.kind)(ctx)
     except JobCancelled as exc:
         status, error = "cancelled", str(exc)

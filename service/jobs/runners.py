@@ -46,6 +46,7 @@ class ProcessRunner:
         self._database = database
         self._slots = asyncio.Semaphore(settings.jobs.max_running)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._children: dict[int, asyncio.subprocess.Process] = {}
 
     async def submit(self, job: loop.JobRow) -> None:
         if self._slots.locked():
@@ -81,6 +82,15 @@ class ProcessRunner:
             sys.executable, "-m", "service.jobs.child", str(job.id),
             stdin=asyncio.subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
+        self._children[job.id] = child
+        try:
+            return await self._watch(job, child)
+        finally:
+            self._children.pop(job.id, None)
+
+    async def _watch(
+        self, job: loop.JobRow, child: asyncio.subprocess.Process
+    ) -> tuple[str, str] | None:
         assert child.stdin is not None
         child.stdin.write(settings_json(self._settings).encode())
         child.stdin.write(b"\n")
@@ -116,6 +126,13 @@ class ProcessRunner:
             loop.finish_job(connection, job_id, status=status, error=error)
 
     async def close(self) -> None:
+        """Stop: jobs still running are killed and failed, so they can be triggered again."""
+        for job_id, child in list(self._children.items()):
+            _kill(child.pid)
+            await child.wait()
+            await asyncio.to_thread(
+                self._finish, job_id, "failed", "interrupted: the server shut down"
+            )
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
