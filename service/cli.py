@@ -192,6 +192,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
                     "label_delay_horizon_s": 60.0,
                 }
             ),
+            **_demo_loop(settings),
         }
     )
     registry = ModelRegistry(settings.registry.root)
@@ -201,6 +202,47 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     asyncio.run(_serve_demo(settings, traffic=args.traffic, rate=args.rate, duration=args.duration))
     return 0
+
+
+DEMO_ADMIN_KEY = "kdguard-demo-admin-key"
+
+
+def _demo_loop(settings: Settings) -> dict[str, Any]:
+    """The closed loop at demo speed: 1-minute windows, short cooldowns, small gates.
+
+    The demo serves with an admin key (printed at start) unless keys are configured, so
+    the job and rollout APIs can be watched.
+    """
+    from service.settings import ApiKey, Scope, TriggerRule
+
+    every = {"window": "1m", "min_samples": 50, "cooldown_s": 180.0}
+    rules = [
+        TriggerRule(name="miscalibrated", metric="ece", statistic="alert", comparison=">=",
+                    value=1.0, consecutive=1, unless_alerting=["accuracy_gap"],
+                    action="recalibrate", **every),
+        TriggerRule(name="accuracy-gap", metric="accuracy_gap", statistic="ci_low",
+                    comparison=">", consecutive=1, action="redistill", **every),
+        TriggerRule(name="flips", metric="flip_rate", statistic="ci_low", comparison=">",
+                    consecutive=2, matured_only=False, action="redistill", **every),
+        TriggerRule(name="entropy-drift", metric="entropy_drift_js", statistic="alert",
+                    comparison=">=", value=1.0, consecutive=1, matured_only=False,
+                    action="alert_only", **every),
+    ]  # fmt: skip
+    keys = settings.auth.api_keys or [
+        ApiKey(
+            name="demo",
+            key=SecretStr(DEMO_ADMIN_KEY),
+            scopes=[Scope.ADMIN, Scope.PREDICT, Scope.FEEDBACK],
+        )
+    ]
+    return {
+        "triggers": settings.triggers.model_copy(update={"rules": rules}),
+        "rollout": settings.rollout.model_copy(
+            update={"min_pairs": 200, "min_labelled": 50, "sample_rate": 0.5, "ab_share": 0.5}
+        ),
+        "recording": settings.recording.model_copy(update={"input_sample_rate": 0.5}),
+        "auth": settings.auth.model_copy(update={"api_keys": keys}),
+    }
 
 
 async def _serve_demo(settings: Settings, *, traffic: bool, rate: float, duration: float) -> None:
@@ -221,6 +263,8 @@ async def _serve_demo(settings: Settings, *, traffic: bool, rate: float, duratio
     serving = asyncio.create_task(server.serve())
     base = f"http://{settings.server.host}:{settings.server.port}"
     print(f"kdguard demo: model 'digits' at {base} (try {base}/docs)", file=sys.stderr)
+    if any(k.key.get_secret_value() == DEMO_ADMIN_KEY for k in settings.auth.api_keys):
+        print(f"admin API key (demo only): {DEMO_ADMIN_KEY}", file=sys.stderr)
     if traffic:
         while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn sets a bool
             await asyncio.sleep(0.05)
@@ -237,14 +281,16 @@ async def _drive_demo_traffic(base: str, rate: float, duration: float) -> None:
     from service.demo.digits import digits_splits
     from service.demo.traffic import (
         DriftSchedule,
+        Phase,
         TrafficGenerator,
         TrafficStats,
         drive,
         send_feedback,
     )
 
-    phases = DriftSchedule.default().phases  # a minute each, then round again: drift and recovery
-    generator = TrafficGenerator(digits_splits(), DriftSchedule(phases, cycle=True), seed=0)
+    # A minute of clean digits, then occlusion that stays: the loop has something to repair.
+    schedule = DriftSchedule((Phase("clean", 60.0), Phase("occlusion", 1e9, "occlude", 0.7)))
+    generator = TrafficGenerator(digits_splits(), schedule, seed=0)
     last_report = 0.0
 
     def report(stats: TrafficStats) -> None:
@@ -263,6 +309,7 @@ async def _drive_demo_traffic(base: str, rate: float, duration: float) -> None:
     stats = TrafficStats()
     # Half the true labels come back, 15 s late: the labelled metrics mature behind the rest.
     labels = asyncio.create_task(send_feedback(base, stats, delay_s=15.0, share=0.5))
+    watcher = asyncio.create_task(_watch_loop(base))
     try:
         await drive(
             base, rate_per_s=rate, duration_s=duration, generator=generator, on_tick=report,
@@ -270,6 +317,47 @@ async def _drive_demo_traffic(base: str, rate: float, duration: float) -> None:
         )  # fmt: skip
     finally:
         labels.cancel()
+        watcher.cancel()
+
+
+async def _watch_loop(base: str, every_s: float = 5.0) -> None:
+    """Print each job and rollout change the demo's loop makes, as it happens."""
+    import httpx
+
+    seen: dict[str, str] = {}
+    headers = {"X-API-Key": DEMO_ADMIN_KEY}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=5.0) as client:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                jobs = (await client.get("/v1/admin/jobs")).json()
+                rollouts = (await client.get("/v1/admin/rollouts")).json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if not isinstance(jobs, list) or not isinstance(rollouts, list):
+                continue  # e.g. keys configured without the demo key: nothing to show
+            for job in jobs:
+                line = (f"job {job['id']} {job['kind']} ({job['rule']}): {job['status']}"
+                        + (f" - {job['error']}" if job["error"] else ""))  # fmt: skip
+                if job["status"] == "succeeded" and job["result"]:
+                    line += f" {_brief(job['result'])}"
+                if seen.get(f"job{job['id']}") != job["status"]:
+                    seen[f"job{job['id']}"] = job["status"]
+                    print(f"loop: {line}", file=sys.stderr)
+            for rollout in rollouts:
+                stats = rollout["statistics"]
+                state = f"{rollout['stage']}/{stats.get('verdict', '-')}"
+                if seen.get(f"rollout{rollout['id']}") != state:
+                    seen[f"rollout{rollout['id']}"] = state
+                    print(f"loop: rollout {rollout['id']} {rollout['incumbent_version']} -> "
+                          f"{rollout['candidate_version']}: {rollout['stage']}, gate "
+                          f"{stats.get('verdict', '-')} {'; '.join(stats.get('reasons', []))}",
+                          file=sys.stderr)  # fmt: skip
+
+
+def _brief(result: dict[str, Any]) -> str:
+    keys = ("accepted", "temperature", "fallback_threshold", "candidate_version")
+    return " ".join(f"{k}={result[k]}" for k in keys if k in result)
 
 
 def _registry_list(args: argparse.Namespace, settings: Settings) -> int:

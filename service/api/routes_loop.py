@@ -6,6 +6,7 @@ its audit row) before it takes effect, so every replica follows.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Annotated, Any
@@ -27,6 +28,7 @@ from service.api.state import Services, ServicesDep
 from service.errors import NotFoundError, UnavailableError, UnprocessableError
 from service.jobs import gate
 from service.jobs.controller import Controller
+from service.jobs.retune import cost_quality
 from service.persistence import loop
 from service.settings import Scope
 
@@ -229,3 +231,23 @@ async def update_rule(
         work(session.connection())
     await controller.sync()
     return _thresholds(services)
+
+
+@router.get(
+    "/cost-quality",
+    summary="Cost-quality curve of recent traffic: agreement and gap recovered vs teacher share",
+)
+async def cost_quality_curve(
+    services: ServicesDep,
+    _: AdminKey,
+    window_s: Annotated[float, Query(gt=0, le=30 * 86400)] = 3600.0,
+) -> list[dict[str, Any]]:
+    """One point per 5% of teacher share, from the logged shadow pairs of the serving
+    version at its current temperature (see `retune_threshold`)."""
+    controller = _controller(services)
+    student = services.deployment.engine.student
+    now = time.time()
+    return await asyncio.to_thread(
+        cost_quality, controller.database, services.deployment.name, now - window_s, now,
+        version=student.version, temperature=student.manifest.temperature,
+    )  # fmt: skip

@@ -71,6 +71,10 @@ class Controller:
             instruments, self.model, {r.name: r.action for r in settings.triggers.rules}
         )
 
+    @property
+    def database(self) -> Engine:
+        return self._db
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -312,6 +316,9 @@ class Controller:
             evidence_row = evidence_json(rule, decision)
             job_id = None
             if rule.action != "alert_only":
+                if loop.list_jobs(connection, model=self.model, status=loop.OPEN_JOB,
+                                  kind=rule.action):  # fmt: skip
+                    continue  # that action is already under way (maybe from another rule)
                 try:
                     job = loop.create_job(
                         connection, model=self.model, kind=rule.action, rule=rule.name,

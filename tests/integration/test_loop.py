@@ -361,3 +361,22 @@ async def test_rule_thresholds_can_be_read_and_overridden(
             "/v1/admin/thresholds/rules/accuracy-gap", json={"consecutive": 0}, headers=ADMIN
         )
         assert invalid.status_code == 422
+
+
+async def test_the_cost_quality_curve_comes_from_logged_shadow_pairs(
+    registry: ModelRegistry, database_url: str
+) -> None:
+    settings = loop_settings(registry, database_url, recording={"flush_interval_s": 0.05})
+    async with running_app(settings, teacher=FakeTeacher()) as (_, client):
+        for i in range(60):
+            await predict(client, f"k{i}", i % 3)
+
+        async def curve() -> bool:
+            points = (await client.get("/v1/admin/cost-quality", headers=ADMIN)).json()
+            return len(points) > 0
+
+        await eventually(curve)
+        points = (await client.get("/v1/admin/cost-quality", headers=ADMIN)).json()
+        assert {"threshold", "teacher_share", "agreement"} <= set(points[0])
+        shares = [p["teacher_share"] for p in points]
+        assert shares == sorted(shares) and all(0.0 <= s <= 1.0 for s in shares)
