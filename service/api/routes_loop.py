@@ -115,6 +115,22 @@ async def list_firings(
     return rows
 
 
+@router.get("/audit", summary="Audit trail, newest first (e.g. ?action=temperature: T history)")
+async def list_audit(
+    services: ServicesDep,
+    _: AdminKey,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _read(
+        services,
+        lambda c: loop.list_audit(
+            c, model=services.deployment.name, action_prefix=action, limit=limit
+        ),
+    )
+    return rows
+
+
 # -- rollouts --------------------------------------------------------------------------
 
 

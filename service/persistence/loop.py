@@ -54,6 +54,22 @@ def audit(
     )
 
 
+def list_audit(
+    connection: Connection, *, model: str, action_prefix: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Audit events, newest first; `action_prefix` e.g. "temperature" for the T history."""
+    query = (
+        select(AuditEvent.id, AuditEvent.at, AuditEvent.actor, AuditEvent.action,
+               AuditEvent.subject, AuditEvent.details)
+        .where(AuditEvent.model == model)
+        .order_by(AuditEvent.id.desc())
+        .limit(limit)
+    )  # fmt: skip
+    if action_prefix:
+        query = query.where(AuditEvent.action.startswith(action_prefix, autoescape=True))
+    return [dict(row._mapping) for row in connection.execute(query)]
+
+
 # -- serving state -------------------------------------------------------------------------
 
 

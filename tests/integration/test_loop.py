@@ -263,6 +263,11 @@ async def test_finished_jobs_take_effect_once_on_serving(
         metrics = (await client.get("/metrics")).text
         line = 'kdguard_jobs_total{kind="recalibrate",model="tiny",status="succeeded"} 1.0'
         assert line in metrics
+        history = (await client.get("/v1/admin/audit?action=temperature", headers=ADMIN)).json()
+        assert history[0]["details"] == {
+            "before": {"temperature": 1.0},
+            "after": {"temperature": 2.5},
+        }
     actions = audit_actions(database)
     assert "temperature.recalibrated" in actions and "threshold.retuned" in actions
 
