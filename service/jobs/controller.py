@@ -246,7 +246,8 @@ class Controller:
             details["threshold"] = {
                 key: result.get(key)
                 for key in ("mode", "budget", "epsilon", "delta", "expected_teacher_share",
-                            "bound", "n_pairs")
+                            "realised_teacher_share", "previous_fallback_threshold", "bound",
+                            "n_pairs")
             } | {"job_id": job.id, "at": time.time()}  # fmt: skip
             loop.change_state(
                 connection, model=self.model, actor=actor, reason="threshold.retuned",

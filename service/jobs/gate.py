@@ -5,11 +5,16 @@ answer (with its inclusion probability π) and the label, when they exist, join 
 request id. The gate reports and judges:
 - paired accuracy on labelled pairs, with the exact McNemar test on the discordant pairs
   (b: incumbent right and candidate wrong, c: the reverse);
-- agreement with the teacher, weighted by 1/π (METRICS.md), for both students;
-- top-label ECE (15 bins) of both on labelled pairs;
+- agreement with the teacher, weighted by 1/π (METRICS.md), for both students, and the
+  paired difference with a Wald interval on the effective sample size;
+- top-label ECE (15 bins) of both on labelled pairs, with the candidate's null quantile
+  (the ECE a perfectly calibrated model shows at that n: small samples inflate ECE);
 - churn: the share of pairs where the two students disagree;
 - latency: the ratio of median forward-pass times.
-Verdicts: "wait" (too few pairs or labels), "fail" (with every reason), "pass".
+Verdicts: "wait" (too few pairs or labels, or the evidence is not yet conclusive),
+"fail" (with every reason), "pass". A candidate fails only on evidence that it is worse
+beyond a margin, and passes only on evidence that it is not (non-inferiority): an
+inconclusive comparison waits for more traffic rather than flipping a coin.
 """
 
 from __future__ import annotations
@@ -22,8 +27,13 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, select
 
-from service.monitoring.metrics import CELLS, confidence_bin, expected_calibration_error
-from service.monitoring.metrics.intervals import mcnemar_exact
+from service.monitoring.metrics import (
+    CELLS,
+    confidence_bin,
+    ece_null_quantile,
+    expected_calibration_error,
+)
+from service.monitoring.metrics.intervals import effective_sample_size, mcnemar_exact, z_quantile
 from service.persistence.tables import Feedback, Prediction, RolloutOutput
 from service.settings import RolloutSettings
 
@@ -92,17 +102,22 @@ def load_pairs(connection: Connection, rollout_id: int) -> Pairs:
     )  # fmt: skip
 
 
-def _ece(confidence: npt.NDArray[np.float64], correct: npt.NDArray[np.bool_]) -> float:
+def _ece(
+    confidence: npt.NDArray[np.float64], correct: npt.NDArray[np.bool_]
+) -> tuple[float, float]:
+    """ECE and its null 95% quantile at these bin counts."""
     cells = confidence_bin(confidence)
     counts = np.bincount(cells, minlength=CELLS)
-    return expected_calibration_error(
-        counts,
-        np.bincount(cells, weights=correct.astype(np.float64), minlength=CELLS),
-        np.bincount(cells, weights=confidence, minlength=CELLS),
+    sum_conf = np.bincount(cells, weights=confidence, minlength=CELLS)
+    ece = expected_calibration_error(
+        counts, np.bincount(cells, weights=correct.astype(np.float64), minlength=CELLS), sum_conf
     )
+    return ece, ece_null_quantile(counts, sum_conf)
 
 
-def statistics(pairs: Pairs, *, stage_started: float = -math.inf) -> dict[str, float]:
+def statistics(
+    pairs: Pairs, *, stage_started: float = -math.inf, alpha: float = 0.05
+) -> dict[str, float]:
     n = len(pairs)
     stats: dict[str, float] = {
         "pairs": float(n),
@@ -122,10 +137,18 @@ def statistics(pairs: Pairs, *, stage_started: float = -math.inf) -> dict[str, f
     if observed.any():
         w = 1.0 / np.clip(pairs.inclusion_probability[observed], 1e-6, 1.0)
         t = pairs.teacher_label[observed]
-        inc = float((w * (pairs.incumbent_label[observed] == t)).sum() / w.sum())
-        cand = float((w * (pairs.candidate_label[observed] == t)).sum() / w.sum())
+        inc_agrees = (pairs.incumbent_label[observed] == t).astype(np.float64)
+        cand_agrees = (pairs.candidate_label[observed] == t).astype(np.float64)
+        inc = float((w * inc_agrees).sum() / w.sum())
+        cand = float((w * cand_agrees).sum() / w.sum())
+        # Paired difference d = 1[cand = t] - 1[inc = t]: weighted mean, Wald on n_eff.
+        d = cand_agrees - inc_agrees
+        n_eff = effective_sample_size(float(w.sum()), float((w * w).sum()))
+        spread = float((w * (d - (cand - inc)) ** 2).sum() / w.sum())
+        half = z_quantile(alpha) * math.sqrt(spread / n_eff) if n_eff > 0 else math.inf
         stats |= {"agreement_incumbent": inc, "agreement_candidate": cand,
-                  "agreement_delta": cand - inc}  # fmt: skip
+                  "agreement_delta": cand - inc, "agreement_delta_low": cand - inc - half,
+                  "agreement_delta_high": cand - inc + half}  # fmt: skip
     labelled = pairs.label >= 0
     stats["labelled_pairs"] = float(labelled.sum())
     if labelled.any():
@@ -134,8 +157,8 @@ def statistics(pairs: Pairs, *, stage_started: float = -math.inf) -> dict[str, f
         cand_right = pairs.candidate_label[labelled] == y
         b = int((inc_right & ~cand_right).sum())
         c = int((cand_right & ~inc_right).sum())
-        ece_inc = _ece(pairs.incumbent_confidence[labelled], inc_right)
-        ece_cand = _ece(pairs.candidate_confidence[labelled], cand_right)
+        ece_inc, _ = _ece(pairs.incumbent_confidence[labelled], inc_right)
+        ece_cand, ece_null = _ece(pairs.candidate_confidence[labelled], cand_right)
         stats |= {
             "accuracy_incumbent": float(inc_right.mean()),
             "accuracy_candidate": float(cand_right.mean()),
@@ -143,6 +166,7 @@ def statistics(pairs: Pairs, *, stage_started: float = -math.inf) -> dict[str, f
             "b_incumbent_only": float(b), "c_candidate_only": float(c),
             "mcnemar_p": mcnemar_exact(b, c),
             "ece_incumbent": ece_inc, "ece_candidate": ece_cand, "ece_delta": ece_cand - ece_inc,
+            "ece_candidate_null95": ece_null,
         }  # fmt: skip
     return stats
 
@@ -150,17 +174,24 @@ def statistics(pairs: Pairs, *, stage_started: float = -math.inf) -> dict[str, f
 def judge(stats: dict[str, float], settings: RolloutSettings, *, stage: str) -> Verdict:
     """The gate's verdict for a rollout in `stage` ("shadow": may it serve some traffic?
     "ab": may it replace the incumbent?)."""
-    reasons: list[str] = []
-    waiting: list[str] = []
     in_stage = stats.get("pairs_in_stage", 0.0)
     if in_stage < settings.min_pairs:  # judged on a full sample only: no early rollbacks
         return Verdict("wait", stats, [f"{in_stage:.0f}/{settings.min_pairs} pairs in stage"])
-    delta = stats.get("agreement_delta", math.nan)
-    judged_teacher = stats.get("teacher_pairs", 0.0) >= MIN_TEACHER_PAIRS
-    if judged_teacher and delta < -settings.max_agreement_drop:
-        reasons.append(f"teacher agreement drops by {-delta:.3f}")
+    reasons: list[str] = []
+    waiting: list[str] = []
+    margin = settings.max_agreement_drop
+    if stats.get("teacher_pairs", 0.0) >= MIN_TEACHER_PAIRS:
+        low, high = stats["agreement_delta_low"], stats["agreement_delta_high"]
+        if high < -margin:
+            reasons.append(
+                f"teacher agreement lower by more than {margin} (CI {low:.3f}..{high:.3f})"
+            )
+        elif low < -margin:
+            waiting.append(f"teacher agreement not yet shown within {margin} (CI low {low:.3f})")
+    else:
+        waiting.append(f"{stats.get('teacher_pairs', 0):.0f}/{MIN_TEACHER_PAIRS} teacher pairs")
     churn = stats.get("churn", 0.0)
-    if churn > settings.max_churn and not (judged_teacher and delta > 0):
+    if churn > settings.max_churn and not stats.get("agreement_delta_low", -1.0) > 0:
         reasons.append(
             f"churn {churn:.3f} > {settings.max_churn} without gaining teacher agreement"
         )
@@ -174,8 +205,14 @@ def judge(stats: dict[str, float], settings: RolloutSettings, *, stage: str) -> 
             reasons.append(
                 f"less accurate (McNemar p={stats['mcnemar_p']:.3g}, b={b:.0f}, c={c:.0f})"
             )
-        if stats["ece_delta"] > settings.max_ece_increase:
-            reasons.append(f"ECE worse by {stats['ece_delta']:.3f}")
+        allowed = max(stats["ece_incumbent"] + settings.max_ece_increase,
+                      stats["ece_candidate_null95"])  # fmt: skip
+        if stats["ece_candidate"] > allowed:
+            incumbent = stats["ece_incumbent"]
+            reasons.append(
+                f"ECE {stats['ece_candidate']:.3f} > {allowed:.3f} (incumbent {incumbent:.3f} "
+                f"+ {settings.max_ece_increase}, or the noise level at this n)"
+            )
     elif stage == "ab" and settings.min_labelled > 0:
         waiting.append(f"{labelled:.0f}/{settings.min_labelled} labelled pairs")
     if reasons:

@@ -87,15 +87,15 @@ async def test_a_good_candidate_goes_shadow_then_ab_then_is_promoted(
         assert created.status_code == 201 and created.json()["stage"] == "shadow"
         rollout_id = created.json()["id"]
 
-        shadow = [await predict(client, f"user-{i}", i % 3) for i in range(25)]
+        shadow = [await predict(client, f"user-{i}", i % 3) for i in range(35)]
         assert {p["model_version"] for p in shadow} == {"1"}  # shadow: never served
 
         async def in_ab() -> bool:
             return await rollout_stage(client, rollout_id) == "ab"
 
         await eventually(in_ab)
-        first = [await predict(client, f"user-{i}", i % 3) for i in range(25)]
-        again = [await predict(client, f"user-{i}", i % 3) for i in range(25)]
+        first = [await predict(client, f"user-{i}", i % 3) for i in range(35)]
+        again = [await predict(client, f"user-{i}", i % 3) for i in range(35)]
         versions = [p["model_version"] for p in first]
         assert set(versions) == {"1", "2"}  # both arms serve
         assert versions == [p["model_version"] for p in again]  # sticky by routing key
@@ -311,7 +311,8 @@ def store_windows(database: Engine, metric: str, states: list[str], now: float) 
 async def test_rules_fire_jobs_with_their_evidence_once(
     registry: ModelRegistry, database_url: str, database: Engine
 ) -> None:
-    settings = loop_settings(registry, database_url)
+    # The controller's own rounds leave the rules to this test's explicit calls.
+    settings = loop_settings(registry, database_url, triggers={"enabled": False})
     async with running_app(settings, teacher=FakeTeacher()) as (app, client):
         controller = controller_of(app)
         now = time.time()
@@ -336,7 +337,7 @@ async def test_rules_fire_jobs_with_their_evidence_once(
 async def test_an_accuracy_gap_alert_vetoes_recalibration(
     registry: ModelRegistry, database_url: str, database: Engine
 ) -> None:
-    settings = loop_settings(registry, database_url)
+    settings = loop_settings(registry, database_url, triggers={"enabled": False})
     async with running_app(settings, teacher=FakeTeacher()) as (app, _):
         now = time.time()
         store_windows(database, "ece", ["alert", "alert"], now)
