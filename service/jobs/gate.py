@@ -14,7 +14,9 @@ request id. The gate reports and judges:
 Verdicts: "wait" (too few pairs or labels, or the evidence is not yet conclusive),
 "fail" (with every reason), "pass". A candidate fails only on evidence that it is worse
 beyond a margin, and passes only on evidence that it is not (non-inferiority): an
-inconclusive comparison waits for more traffic rather than flipping a coin.
+inconclusive comparison waits for more traffic rather than flipping a coin. Labels
+outrank the teacher: a candidate significantly more accurate on labelled pairs (McNemar)
+is not held back by agreeing less with a teacher that is itself wrong on drifted inputs.
 """
 
 from __future__ import annotations
@@ -179,8 +181,14 @@ def judge(stats: dict[str, float], settings: RolloutSettings, *, stage: str) -> 
         return Verdict("wait", stats, [f"{in_stage:.0f}/{settings.min_pairs} pairs in stage"])
     reasons: list[str] = []
     waiting: list[str] = []
+    labelled = stats.get("labelled_pairs", 0.0)
+    judged_labels = labelled >= max(settings.min_labelled, 1)
+    significant = judged_labels and stats["mcnemar_p"] < settings.alpha
+    more_accurate = significant and stats["c_candidate_only"] > stats["b_incumbent_only"]
     margin = settings.max_agreement_drop
-    if stats.get("teacher_pairs", 0.0) >= MIN_TEACHER_PAIRS:
+    if more_accurate:
+        pass  # the teacher is a proxy for the labels; the labels have spoken
+    elif stats.get("teacher_pairs", 0.0) >= MIN_TEACHER_PAIRS:
         low, high = stats["agreement_delta_low"], stats["agreement_delta_high"]
         if high < -margin:
             reasons.append(
@@ -191,17 +199,17 @@ def judge(stats: dict[str, float], settings: RolloutSettings, *, stage: str) -> 
     else:
         waiting.append(f"{stats.get('teacher_pairs', 0):.0f}/{MIN_TEACHER_PAIRS} teacher pairs")
     churn = stats.get("churn", 0.0)
-    if churn > settings.max_churn and not stats.get("agreement_delta_low", -1.0) > 0:
+    gains = more_accurate or stats.get("agreement_delta_low", -1.0) > 0
+    if churn > settings.max_churn and not gains:
         reasons.append(
             f"churn {churn:.3f} > {settings.max_churn} without gaining teacher agreement"
         )
     latency = stats.get("latency_ratio", math.nan)
     if latency > settings.max_latency_ratio:
         reasons.append(f"latency {latency:.2f}x the incumbent's")
-    labelled = stats.get("labelled_pairs", 0.0)
-    if labelled >= max(settings.min_labelled, 1):
+    if judged_labels:
         b, c = stats["b_incumbent_only"], stats["c_candidate_only"]
-        if b > c and stats["mcnemar_p"] < settings.alpha:
+        if significant and b > c:
             reasons.append(
                 f"less accurate (McNemar p={stats['mcnemar_p']:.3g}, b={b:.0f}, c={c:.0f})"
             )

@@ -10,18 +10,32 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from service.faults import ENV as FAULTS_ENV
+from service.persistence import migrate
+from service.persistence.database import make_engine
 from service.registry import ModelRegistry
 from tests.conftest import ADMIN_KEY, make_settings, running_app, scratch_postgres
+from tests.integration.test_recalibrate_retune import (
+    MODEL,
+    NOW,
+    calibrated_temperature,
+    label,
+    make_registry,
+    simulate,
+    store,
+)
 from tests.support.fakes import FakeTeacher
 from tests.support.models import instance
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+BROKER = "redis://127.0.0.1:6379/15"
 
 
 async def trigger(client: httpx.AsyncClient, kind: str = "recalibrate") -> int:
@@ -32,10 +46,11 @@ async def trigger(client: httpx.AsyncClient, kind: str = "recalibrate") -> int:
 
 
 async def wait_finished(client: httpx.AsyncClient, job_id: int, timeout_s: float = 60.0) -> Any:
+    """The job once it has finished and the server has taken note (applied, counted)."""
     deadline = time.monotonic() + timeout_s
     while True:
         job = (await client.get(f"/v1/admin/jobs/{job_id}", headers=ADMIN)).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in ("succeeded", "failed", "cancelled") and job["applied"]:
             return job
         assert time.monotonic() < deadline, f"job still {job['status']}"
         await asyncio.sleep(0.1)
@@ -111,16 +126,24 @@ async def test_a_running_job_can_be_cancelled(
 
 
 @pytest.fixture
-def celery_worker(registry: ModelRegistry) -> Iterator[dict[str, str]]:
-    """A real `kdguard worker` process on a private queue of the local Redis."""
+def celery_setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A PostgreSQL database holding an overconfident student's labelled traffic, and a
+    real `kdguard worker` process on a private queue of the local Redis."""
+    registry = make_registry(tmp_path / "registry", temperature=1.0)
     with scratch_postgres() as database_url:
+        database = make_engine(database_url)
+        migrate.upgrade(database)
+        sim = simulate(3000, seed=10)
+        store(database, sim, temperature=1.0, seed=11)
+        label(database, sim, np.arange(3000), at=NOW - 60.0)
+        database.dispose()
         queue = f"kdguard-test-{uuid.uuid4().hex[:8]}"
         env = {
             **os.environ,
             "KDGUARD_DATABASE__URL": database_url,
             "KDGUARD_REGISTRY__ROOT": str(registry.root),
-            "KDGUARD_MODEL__NAME": "tiny",
-            "KDGUARD_JOBS__BROKER_URL": "redis://127.0.0.1:6379/15",
+            "KDGUARD_MODEL__NAME": MODEL,
+            "KDGUARD_JOBS__BROKER_URL": BROKER,
             "KDGUARD_JOBS__QUEUE": queue,
         }
         worker = subprocess.Popen(
@@ -130,7 +153,7 @@ def celery_worker(registry: ModelRegistry) -> Iterator[dict[str, str]]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            yield {"database_url": database_url, "queue": queue}
+            yield {"database_url": database_url, "queue": queue, "registry": registry}
         finally:
             worker.terminate()
             try:
@@ -140,22 +163,31 @@ def celery_worker(registry: ModelRegistry) -> Iterator[dict[str, str]]:
                 worker.wait()
 
 
-async def test_celery_workers_run_jobs(
-    registry: ModelRegistry, celery_worker: dict[str, str]
+async def test_celery_workers_run_jobs_and_servers_apply_them(
+    celery_setup: dict[str, Any],
 ) -> None:
+    registry: ModelRegistry = celery_setup["registry"]
     settings = make_settings(
         registry.root,
-        database={"url": celery_worker["database_url"]},
+        model={"name": MODEL},
+        teacher={"mode": "none"},
+        database={"url": celery_setup["database_url"]},
         monitoring={"enabled": False},
-        jobs={
-            "runner": "celery",
-            "apply_interval_s": 0.1,
-            "broker_url": "redis://127.0.0.1:6379/15",
-            "queue": celery_worker["queue"],
-        },
-    )
-    async with running_app(settings, teacher=FakeTeacher()) as (_, client):
-        job = await wait_finished(client, await trigger(client), timeout_s=90.0)
-        await still_serving(client)
-    assert job["runner"] == "celery"
-    assert job["status"] == "failed" and job["error"]  # an empty database has no labels
+        jobs={"runner": "celery", "apply_interval_s": 0.1, "broker_url": BROKER,
+              "queue": celery_setup["queue"]},
+    )  # fmt: skip
+    async with running_app(settings) as (app, client):
+        body = {"kind": "recalibrate", "params": {"window_s": 1e9}}  # the rows are from 2023
+        created = await client.post("/v1/admin/jobs", json=body, headers=ADMIN)
+        job = await wait_finished(client, created.json()["id"], timeout_s=120.0)
+        assert job["runner"] == "celery" and job["status"] == "succeeded", job
+        assert job["result"]["accepted"] is True and job["progress"] == 1.0
+        fitted = job["result"]["temperature"]
+        engine = app.state.services.deployment.engine
+        deadline = time.monotonic() + 10.0
+        while engine.student.manifest.temperature != fitted:
+            assert time.monotonic() < deadline, "the server did not apply the new T"
+            await asyncio.sleep(0.1)
+        response = await client.post("/v1/predict", json={"inputs": [[1.0] + [0.0] * 9]})
+        assert response.status_code == 200
+    assert fitted == pytest.approx(calibrated_temperature(), rel=0.1)
