@@ -104,8 +104,12 @@ async def test_a_good_candidate_goes_shadow_then_ab_then_is_promoted(
             return await rollout_stage(client, rollout_id) == "promoted"
 
         await eventually(promoted)
-        after = [await predict(client, f"user-{i}") for i in range(5)]
-        assert {p["model_version"] for p in after} == {"2"}
+
+        async def serving_candidate() -> bool:  # stored first, then swapped in (milliseconds)
+            after = [await predict(client, f"user-{i}") for i in range(5)]
+            return {p["model_version"] for p in after} == {"2"}
+
+        await eventually(serving_candidate)
         model = (await client.get("/v1/admin/models/tiny", headers=ADMIN)).json()
         assert model["active"]["student"] == "2"
         rollout = (await client.get(f"/v1/admin/rollouts/{rollout_id}", headers=ADMIN)).json()
