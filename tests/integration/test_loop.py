@@ -94,10 +94,15 @@ async def test_a_good_candidate_goes_shadow_then_ab_then_is_promoted(
             return await rollout_stage(client, rollout_id) == "ab"
 
         await eventually(in_ab)
-        first = [await predict(client, f"user-{i}", i % 3) for i in range(35)]
+        versions: list[str] = []
+
+        async def both_arms_serve() -> bool:  # the stage is stored first, then followed
+            versions[:] = [(await predict(client, f"user-{i}", i % 3))["model_version"]
+                           for i in range(35)]  # fmt: skip
+            return set(versions) == {"1", "2"}
+
+        await eventually(both_arms_serve)
         again = [await predict(client, f"user-{i}", i % 3) for i in range(35)]
-        versions = [p["model_version"] for p in first]
-        assert set(versions) == {"1", "2"}  # both arms serve
         assert versions == [p["model_version"] for p in again]  # sticky by routing key
 
         async def promoted() -> bool:
