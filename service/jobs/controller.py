@@ -320,6 +320,8 @@ class Controller:
                 if loop.list_jobs(connection, model=self.model, status=loop.OPEN_JOB,
                                   kind=rule.action):  # fmt: skip
                     continue  # that action is already under way (maybe from another rule)
+                if rule.action == "redistill" and loop.open_rollout(connection, self.model):
+                    continue  # a candidate is already being judged
                 try:
                     job = loop.create_job(
                         connection, model=self.model, kind=rule.action, rule=rule.name,
