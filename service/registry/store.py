@@ -1,4 +1,8 @@
-"""Model versions on disk: `<root>/<name>/<version>/{manifest.json, model.onnx}`.
+"""Model versions on disk: `<root>/<name>/<version>/{manifest.json, model.onnx, ...}`.
+
+A version may carry extra files beside its model (e.g. `weights.npz`, the trained weights
+a re-distillation warm-starts from); their sha256 sums live in the manifest's metadata
+under `files`, and they are written in the same atomic step as the version itself.
 
 Writes are atomic (a version is built in a temporary directory and renamed into place;
 the active pointer is replaced with `os.replace`), names are checked against a strict
@@ -9,14 +13,19 @@ only ever name a version, never a path.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from service.errors import ConflictError, ModelValidationError, NotFoundError
 from service.registry.manifest import MANIFEST_FILE, MODEL_FILE, InputSpec, Manifest, Role
@@ -24,6 +33,12 @@ from service.settings import NAME_PATTERN
 
 ACTIVE_FILE = "active.json"
 REFERENCE_FILE = "reference.json"
+WEIGHTS_FILE = "weights.npz"
+FILES_KEY = "files"
+"""Metadata key of the extra files' sha256 sums: {file name: hex digest}."""
+
+EXTRA_FILE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\.(npz|json)$")
+_RESERVED_FILES = frozenset({MANIFEST_FILE, MODEL_FILE, ACTIVE_FILE, REFERENCE_FILE})
 
 
 def sha256_hex(data: bytes) -> str:
@@ -129,8 +144,18 @@ class ModelRegistry:
         temperature: float = 1.0,
         version: str | None = None,
         metadata: dict[str, Any] | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
     ) -> Manifest:
-        """Store a new version. The caller validates the model before activating it."""
+        """Store a new version. The caller validates the model before activating it.
+
+        `extra_files` ({name: bytes}, names like `weights.npz`) are written beside the
+        model in the same atomic step, with their sha256 sums in `metadata["files"]`.
+        """
+        extras = dict(extra_files or {})
+        metadata = dict(metadata or {})
+        if extras:
+            _check_extra_names(extras, metadata)
+            metadata[FILES_KEY] = {file: sha256_hex(data) for file, data in sorted(extras.items())}
         base = self._dir(name)
         base.mkdir(parents=True, exist_ok=True)
         version = version or self._next_version(name)
@@ -145,13 +170,15 @@ class ModelRegistry:
             temperature=temperature,
             reference_temperature=temperature,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            metadata=metadata or {},
+            metadata=metadata,
         )
         manifest.check()
         target = self._dir(name, version)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
         try:
             (staging / MODEL_FILE).write_bytes(model)
+            for file, data in extras.items():
+                (staging / file).write_bytes(data)
             (staging / MANIFEST_FILE).write_text(manifest.to_json())
             try:
                 staging.rename(target)
@@ -186,10 +213,76 @@ class ModelRegistry:
         payload = json.loads(path.read_text())
         return [float(h) for h in payload["entropy"]], str(payload["source"])
 
+    def read_extra(self, manifest: Manifest, file: str) -> bytes | None:
+        """An extra file's bytes after its sha256 matched the manifest; None if the version
+        has no such file. Raises ModelValidationError when the file is missing or changed."""
+        listed = manifest.metadata.get(FILES_KEY)
+        expected = listed.get(file) if isinstance(listed, dict) else None
+        if expected is None:
+            return None
+        if not EXTRA_FILE_PATTERN.match(file) or file in _RESERVED_FILES:
+            raise ModelValidationError(f"{file!r} is not a valid extra file name")
+        path = self._dir(manifest.name, manifest.version) / file
+        label = f"{manifest.name}/{manifest.version}/{file}"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelValidationError(f"cannot read {label}: {exc}") from exc
+        if sha256_hex(data) != expected:
+            raise ModelValidationError(f"checksum mismatch for {label}: file changed on disk")
+        return data
+
+    def load_weights(self, manifest: Manifest) -> dict[str, npt.NDArray[np.float32]] | None:
+        """The version's trained weights (`weights.npz`), or None if it was stored without."""
+        data = self.read_extra(manifest, WEIGHTS_FILE)
+        if data is None:
+            return None
+        try:
+            return decode_weights(data)
+        except ValueError as exc:
+            raise ModelValidationError(
+                f"unreadable weights for {manifest.name}/{manifest.version}: {exc}"
+            ) from exc
+
     def _next_version(self, name: str) -> str:
         base = self._dir(name)
         numbers = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
         return str(max(numbers, default=0) + 1)
+
+
+def encode_weights(arrays: Mapping[str, npt.ArrayLike]) -> bytes:
+    """Named float32 arrays as `.npz` bytes: plain arrays only, so no pickle is involved."""
+    buffer = io.BytesIO()
+    plain = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in arrays.items()}
+    if not plain:
+        raise ValueError("no weights to store")
+    np.savez(buffer, allow_pickle=False, **plain)
+    return buffer.getvalue()
+
+
+def decode_weights(data: bytes) -> dict[str, npt.NDArray[np.float32]]:
+    """The arrays of `encode_weights` bytes; refuses pickled objects and non-finite values."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {key: np.asarray(archive[key]) for key in archive.files}
+    except (OSError, ValueError, EOFError) as exc:  # not an npz, or an object array
+        raise ValueError(f"not a weights archive: {exc}") from exc
+    for key, value in arrays.items():
+        if value.dtype != np.float32 or not np.isfinite(value).all():
+            raise ValueError(f"weights {key!r} must be finite float32, got {value.dtype}")
+    if not arrays:
+        raise ValueError("the weights archive is empty")
+    return arrays
+
+
+def _check_extra_names(extras: Mapping[str, bytes], metadata: Mapping[str, Any]) -> None:
+    if FILES_KEY in metadata:
+        raise ModelValidationError(f"metadata[{FILES_KEY!r}] is written by the registry")
+    for file in extras:
+        if not EXTRA_FILE_PATTERN.match(file) or file in _RESERVED_FILES:
+            raise ModelValidationError(
+                f"{file!r} is not a valid extra file name (lower-case, .npz or .json)"
+            )
 
 
 def _version_key(version: str) -> tuple[int, int, str]:
