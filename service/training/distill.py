@@ -7,7 +7,7 @@ row i of `x`, row i of `teacher_logits` and entry i of `labels` describe one exa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,7 +31,8 @@ def kd_loss(
     labels: Tensor,
     *,
     temperature: float = 2.0,
-    alpha: float = 0.5,
+    alpha: float | Tensor = 0.5,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Mean distillation loss over rows (Hinton et al., 2015).
 
@@ -39,8 +40,11 @@ def kd_loss(
     alpha · CE(s, y) + (1 - alpha) · soft; unlabelled rows (label -1) get soft alone.
     The T² factor keeps the soft term's gradient the same order of magnitude as the hard
     term's whatever T is (the soft gradient shrinks as 1/T²).
+
+    `alpha` may be one value per row; with `weights` (≥ 0, one per row) the mean is
+    Σ w·loss / Σ w instead of the plain mean.
     """
-    _check_kd_args(student_logits, teacher_logits, labels, temperature, alpha)
+    _check_kd_args(student_logits, teacher_logits, labels, temperature, alpha, weights)
     t = temperature
     # log-probabilities on both sides: stable, and log_softmax makes the loss invariant
     # to adding a constant to any row of either logit matrix.
@@ -53,7 +57,10 @@ def kd_loss(
     # torch.where then discards that value (and its gradient).
     hard = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none")
     per_row = torch.where(labelled, alpha * hard + (1.0 - alpha) * soft, soft)
-    return per_row.mean()
+    if weights is None:
+        return per_row.mean()
+    w = weights.to(per_row.dtype)
+    return (w * per_row).sum() / w.sum()
 
 
 def train_classifier(
@@ -74,7 +81,7 @@ def train_classifier(
     if targets.min() < 0:
         raise ValueError("train_classifier needs a label for every row")
 
-    def batch_loss(index: Tensor) -> Tensor:
+    def batch_loss(index: Tensor, _epoch: int) -> Tensor:
         return F.cross_entropy(model(inputs[index]), targets[index])
 
     return _fit(
@@ -96,31 +103,41 @@ def distill(
     x: ArrayLike,
     labels: ArrayLike,
     *,
-    temperature: float,
-    alpha: float,
+    temperature: float | Sequence[float],
+    alpha: float | ArrayLike,
     epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
     weight_decay: float = 0.0,
+    weights: ArrayLike | None = None,
     progress: Progress | None = None,
 ) -> list[float]:
     """Distil precomputed teacher logits into `student` with `kd_loss` and Adam.
 
     `teacher_logits[i]`, `x[i]` and `labels[i]` must describe the same example (-1 where
-    no label is known); batches are drawn by shuffled index, so they stay aligned.
+    no label is known); so must `alpha[i]` and `weights[i]` when they are given per row.
+    Batches are drawn by shuffled index, so every per-row array stays aligned.
+    `temperature` is one value, or one per epoch (a schedule, e.g. annealing).
     Returns the mean loss of each epoch.
     """
     inputs, soft, hard = _float_tensor(x), _float_tensor(teacher_logits), _long_tensor(labels)
     _check_rows(inputs, targets=hard, logits=soft)
+    schedule = _schedule(temperature, epochs)
+    row_alpha = None if isinstance(alpha, float | int) else _float_tensor(alpha)
+    row_weights = None if weights is None else _float_tensor(weights)
+    for name, values in (("alpha", row_alpha), ("weights", row_weights)):
+        if values is not None and values.shape != (len(inputs),):
+            raise ValueError(f"{name} must have one value per row ({len(inputs)})")
 
-    def batch_loss(index: Tensor) -> Tensor:
+    def batch_loss(index: Tensor, epoch: int) -> Tensor:
         return kd_loss(
             student(inputs[index]),
             soft[index],
             hard[index],
-            temperature=temperature,
-            alpha=alpha,
+            temperature=schedule[epoch - 1],
+            alpha=float(alpha) if row_alpha is None else row_alpha[index],
+            weights=None if row_weights is None else row_weights[index],
         )
 
     return _fit(
@@ -153,7 +170,7 @@ def torch_threads(count: int) -> Iterator[None]:
 def _fit(
     model: nn.Module,
     rows: int,
-    batch_loss: Callable[[Tensor], Tensor],
+    batch_loss: Callable[[Tensor, int], Tensor],
     *,
     epochs: int,
     lr: float,
@@ -162,7 +179,10 @@ def _fit(
     weight_decay: float,
     progress: Progress | None,
 ) -> list[float]:
-    """The shared minibatch loop: shuffle indices with a seeded generator, Adam steps."""
+    """The shared minibatch loop: shuffle indices with a seeded generator, Adam steps.
+
+    `batch_loss(index, epoch)` gets the batch's row indices and the 1-based epoch.
+    """
     if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0:
         raise ValueError("epochs and batch_size must be ≥ 1, lr > 0 and weight_decay ≥ 0")
     shuffler = torch.Generator().manual_seed(seed)
@@ -178,7 +198,7 @@ def _fit(
             for start in range(0, rows, batch_size):
                 index = order[start : start + batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                loss = batch_loss(index)
+                loss = batch_loss(index, epoch)
                 torch.autograd.backward(loss)  # typed, unlike Tensor.backward
                 optimizer.step()
                 total += float(loss.item()) * len(index)
@@ -187,6 +207,15 @@ def _fit(
                 progress(epoch, epochs, history[-1])
     model.eval()
     return history
+
+
+def _schedule(temperature: float | Sequence[float], epochs: int) -> list[float]:
+    if isinstance(temperature, float | int):
+        return [float(temperature)] * max(epochs, 0)
+    schedule = [float(t) for t in temperature]
+    if len(schedule) != epochs:
+        raise ValueError(f"a temperature schedule needs one value per epoch ({epochs})")
+    return schedule
 
 
 def _float_tensor(a: ArrayLike) -> Tensor:
@@ -212,7 +241,12 @@ def _check_rows(inputs: Tensor, *, targets: Tensor, logits: Tensor | None = None
 
 
 def _check_kd_args(
-    student: Tensor, teacher: Tensor, labels: Tensor, temperature: float, alpha: float
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    temperature: float,
+    alpha: float | Tensor,
+    weights: Tensor | None,
 ) -> None:
     if student.ndim != 2 or student.shape != teacher.shape:
         raise ValueError(
@@ -227,5 +261,18 @@ def _check_kd_args(
         raise ValueError(f"labels must be -1 (unlabelled) or in [0, {student.shape[1]})")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
+    n = student.shape[0]
+    if isinstance(alpha, Tensor):
+        if alpha.shape != (n,):
+            raise ValueError(f"a per-row alpha must have shape ({n},), got {tuple(alpha.shape)}")
+        if alpha.numel() and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+            raise ValueError("alpha must be in [0, 1] on every row")
+    elif not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if weights is not None:
+        if weights.shape != (n,):
+            raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("weights must be finite and non-negative")
+        if n and not float(weights.sum()) > 0:
+            raise ValueError("weights must not all be zero")

@@ -55,12 +55,18 @@ def export_onnx(
     return data
 
 
-def onnx_parity(model: nn.Module, onnx_bytes: bytes, x: npt.NDArray[Any]) -> float:
-    """Largest |torch logits - ONNX Runtime logits| over every entry for inputs `x`."""
+def onnx_logits(onnx_bytes: bytes, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """The first output of a one-input ONNX model for float32 inputs `x`, on the CPU."""
     inputs = np.ascontiguousarray(x, dtype=np.float32)
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     (onnx_input,) = session.get_inputs()
-    got = np.asarray(session.run(None, {onnx_input.name: inputs})[0], dtype=np.float64)
+    return np.asarray(session.run(None, {onnx_input.name: inputs})[0], dtype=np.float32)
+
+
+def onnx_parity(model: nn.Module, onnx_bytes: bytes, x: npt.NDArray[Any]) -> float:
+    """Largest |torch logits - ONNX Runtime logits| over every entry for inputs `x`."""
+    inputs = np.ascontiguousarray(x, dtype=np.float32)
+    got = onnx_logits(onnx_bytes, inputs).astype(np.float64)
     expected = predict_logits(model, torch.tensor(inputs)).numpy().astype(np.float64)
     if got.shape != expected.shape:
         raise ValueError(f"ONNX output shape {got.shape} differs from torch {expected.shape}")
