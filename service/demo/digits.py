@@ -23,9 +23,10 @@ from service.backends.onnx import load_onnx_model
 from service.errors import ModelValidationError, NotFoundError
 from service.monitoring.probabilities import normalized_entropy, softmax
 from service.registry import InputSpec, Manifest, ModelRegistry
+from service.registry.store import WEIGHTS_FILE, encode_weights
 from service.training.distill import UNLABELLED, distill, torch_threads, train_classifier
 from service.training.export import export_onnx, onnx_parity
-from service.training.models import MLP, param_count, predict_logits
+from service.training.models import MLP, architecture, param_count, predict_logits, weight_arrays
 from service.training.temperature import fit_temperature, nll
 
 FEATURES = 64
@@ -130,11 +131,14 @@ def build_digits(
         say("exporting ONNX and checking parity")
         teacher_onnx, metrics["teacher_parity"] = _export_checked(teacher, splits, "teacher")
         student_onnx, metrics["student_parity"] = _export_checked(student, splits, "student")
+        student_weights = encode_weights(weight_arrays(student))
     metrics["train_seconds"] = round(time.perf_counter() - started, 3)
     teacher_manifest, student_manifest = _register_pair(
         registry,
         name=name,
         models=(teacher_onnx, student_onnx),
+        architectures=(architecture(teacher), architecture(student)),
+        student_weights=student_weights,
         temperature=metrics["student_temperature"],
         metadata={**metrics, "seed": seed, "splits": splits.sizes()},
         say=say,
@@ -251,11 +255,17 @@ def _register_pair(
     *,
     name: str,
     models: tuple[bytes, bytes],
+    architectures: tuple[dict[str, Any], dict[str, Any]],
+    student_weights: bytes,
     temperature: float,
     metadata: dict[str, Any],
     say: Message,
 ) -> tuple[Manifest, Manifest]:
-    """Register teacher then student, validate both, and only then activate both."""
+    """Register teacher then student, validate both, and only then activate both.
+
+    The student keeps its trained weights beside its ONNX (`weights.npz`): re-distillation
+    warm-starts from them.
+    """
     spec = InputSpec(name=INPUT_NAME, features=FEATURES)
     teacher = registry.register(
         name=f"{name}-teacher",
@@ -264,7 +274,7 @@ def _register_pair(
         input=spec,
         output_name=OUTPUT_NAME,
         class_names=CLASS_NAMES,
-        metadata=metadata,
+        metadata={**metadata, "architecture": architectures[0]},
     )
     student = registry.register(
         name=name,
@@ -274,7 +284,12 @@ def _register_pair(
         output_name=OUTPUT_NAME,
         class_names=CLASS_NAMES,
         temperature=temperature,
-        metadata={**metadata, "teacher": f"{teacher.name}/{teacher.version}"},
+        metadata={
+            **metadata,
+            "teacher": f"{teacher.name}/{teacher.version}",
+            "architecture": architectures[1],
+        },
+        extra_files={WEIGHTS_FILE: student_weights},
     )
     for manifest in (teacher, student):
         load_onnx_model(registry, manifest)  # raises ModelValidationError on any defect
