@@ -6,6 +6,7 @@ record to the last commit. Uses a scratch PostgreSQL database (dropped afterward
 a scratch SQLite file.
 
 Usage: python bench/writer.py [--records 200000] [--database postgresql|sqlite]
+                              [--writer process|thread]
 """
 
 from __future__ import annotations
@@ -69,18 +70,25 @@ def batches(count: int, classes: int = 10) -> list[PredictionBatch]:
     return out
 
 
-def run(url: str, records: int) -> dict[str, float]:
+def run(url: str, records: int, writer_process: bool) -> dict[str, float]:
     engine = make_engine(url)
     migrate.upgrade(engine)
-    settings = RecordingSettings(queue_rows=records + 1, batch_rows=5000, flush_interval_s=0.05)
+    settings = RecordingSettings(
+        queue_rows=records + 1,
+        batch_rows=5000,
+        flush_interval_s=0.05,
+        writer_process=writer_process,
+    )
     writer = PredictionWriter(
         engine,
         settings=settings,
         instruments=build_instruments(CollectorRegistry()),
         model="digits",
     )
-    work = batches(records)
-    writer.start()
+    warmup, *work = batches(records + 1)
+    writer.start(wait_s=120.0)  # the writer process is ready before the clock starts
+    writer.record(warmup)
+    assert writer.flush(120.0)
     started = time.perf_counter()
     for b in work:
         writer.record(b)
@@ -93,7 +101,7 @@ def run(url: str, records: int) -> dict[str, float]:
     engine.dispose()
     return {
         "records": records,
-        "stored": stored,
+        "stored": stored - 1,
         "seconds": elapsed,
         "records_per_s": records / elapsed,
         "enqueue_us_per_record": offered / records * 1e6,
@@ -106,10 +114,12 @@ def main() -> int:
     )
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--writer", choices=["process", "thread"], default="process")
     args = parser.parse_args()
+    writer_process = args.writer == "process"
     if args.database == "sqlite":
         with tempfile.TemporaryDirectory() as tmp:
-            result = run(f"sqlite:///{Path(tmp) / 'bench.db'}", args.records)
+            result = run(f"sqlite:///{Path(tmp) / 'bench.db'}", args.records, writer_process)
     else:
         admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
         name = f"kdguard_bench_{uuid.uuid4().hex[:8]}"
@@ -119,11 +129,12 @@ def main() -> int:
             result = run(
                 make_url(POSTGRES).set(database=name).render_as_string(hide_password=False),
                 args.records,
+                writer_process,
             )
         finally:
             with admin.connect() as c:
                 c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    print(json.dumps({"database": args.database, **result}, indent=2))
+    print(json.dumps({"database": args.database, "writer": args.writer, **result}, indent=2))
     return 0
 
 

@@ -230,6 +230,13 @@ class RecordingSettings(BaseModel):
         description="Most records in one insert transaction (bigger batches hold the GIL longer).",
     )
     flush_interval_s: float = Field(0.25, gt=0, description="How often the writer flushes.")
+    writer_process: bool = Field(
+        True,
+        description=(
+            "Insert from a child process, so database work never holds the serving process's"
+            " GIL (an in-memory SQLite database is always written in-process)."
+        ),
+    )
     retry_backoff_s: float = Field(
         0.5, gt=0, description="First wait before retrying a failed write (doubles)."
     )

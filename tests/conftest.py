@@ -42,7 +42,9 @@ def make_settings(registry_root: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "registry": {"root": registry_root},
         "database": {"url": f"sqlite:///{registry_root.parent / 'kdguard.db'}"},
-        "recording": {"flush_interval_s": 0.05},
+        # In-thread writes: a writer process per app would add its start-up to every test
+        # (tests/integration/test_writer.py and the e2e tests cover the process).
+        "recording": {"flush_interval_s": 0.05, "writer_process": False},
         "server": {"gc_freeze": False},  # many apps per test process: nothing to freeze for
         "model": {"name": "tiny"},
         "routing": {"fallback_threshold": 0.6, "shadow_rate": 0.0, "seed": 7},

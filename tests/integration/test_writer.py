@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,16 +40,34 @@ def batch(n: int = 1, *, teacher: bool = False, inputs: bool = False) -> Predict
     )  # fmt: skip
 
 
+@pytest.fixture(params=[True, False], ids=["process", "thread"])
+def writer_process(request: pytest.FixtureRequest) -> bool:
+    """Every writer test runs with inserts in a child process and in the writer thread."""
+    return bool(request.param)
+
+
 class Harness:
-    def __init__(self, engine: Engine, **settings: object) -> None:
+    def __init__(self, engine: Engine, writer_process: bool, **settings: object) -> None:
         self.metrics = CollectorRegistry()
         config = RecordingSettings.model_validate(
-            {"flush_interval_s": 0.02, "retry_backoff_s": 0.05, **settings}
+            {
+                "flush_interval_s": 0.02,
+                "retry_backoff_s": 0.05,
+                "writer_process": writer_process,
+                **settings,
+            }
         )
         self.writer = PredictionWriter(
             engine, settings=config, instruments=build_instruments(self.metrics), model="tiny"
         )
         self.engine = engine
+        self.writer_process = writer_process
+
+    def start(self) -> None:
+        """Start the writer; with a writer process, once it is ready to take the flushes."""
+        self.writer.start(wait_s=60.0 if self.writer_process else 0.0)
+        if self.writer_process:
+            assert self.writer._sink._ready  # type: ignore[attr-defined]
 
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.get_sample_value(name, {"model": "tiny", **labels}) or 0.0
@@ -65,9 +84,11 @@ def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_batches_become_rows_with_their_bins_and_teacher_columns(database: Engine) -> None:
-    h = Harness(database)
-    h.writer.start()
+def test_batches_become_rows_with_their_bins_and_teacher_columns(
+    database: Engine, writer_process: bool
+) -> None:
+    h = Harness(database, writer_process)
+    h.start()
     h.writer.record(batch(3, teacher=True, inputs=True))
     h.writer.record(batch(2))
     assert h.writer.flush(10.0)
@@ -86,12 +107,12 @@ def test_batches_become_rows_with_their_bins_and_teacher_columns(database: Engin
     h.writer.close(5.0)
 
 
-def test_the_queue_is_bounded_and_drops_are_counted(database: Engine) -> None:
-    h = Harness(database, queue_rows=10)  # not started: nothing drains the queue
+def test_the_queue_is_bounded_and_drops_are_counted(database: Engine, writer_process: bool) -> None:
+    h = Harness(database, writer_process, queue_rows=10)  # not started: nothing drains the queue
     for _ in range(4):
         h.writer.record(batch(3))
     assert h.sample("kdguard_records_dropped_total", reason="queue_full") == 3
-    h.writer.start()
+    h.start()
     h.writer.close(5.0)  # close flushes what was queued
     assert h.count() == 9
 
@@ -126,10 +147,12 @@ def outage(engine: Engine) -> Iterator[None]:
     locker.dispose()
 
 
-def test_a_database_outage_buffers_then_drops_and_recovers_by_itself(database_url: str) -> None:
+def test_a_database_outage_buffers_then_drops_and_recovers_by_itself(
+    database_url: str, writer_process: bool
+) -> None:
     engine = make_engine(database_url, busy_timeout_s=0.1)
-    h = Harness(engine, queue_rows=20)
-    h.writer.start()
+    h = Harness(engine, writer_process, queue_rows=20)
+    h.start()
     h.writer.record(batch(1))
     assert h.writer.flush(10.0)
     with outage(engine):
@@ -145,9 +168,9 @@ def test_a_database_outage_buffers_then_drops_and_recovers_by_itself(database_ur
     engine.dispose()
 
 
-def test_duplicate_client_request_ids_are_kept_once(database: Engine) -> None:
-    h = Harness(database)
-    h.writer.start()
+def test_duplicate_client_request_ids_are_kept_once(database: Engine, writer_process: bool) -> None:
+    h = Harness(database, writer_process)
+    h.start()
     b = batch(2)
     h.writer.record(b)
     h.writer.record(b)
@@ -156,11 +179,95 @@ def test_duplicate_client_request_ids_are_kept_once(database: Engine) -> None:
     h.writer.close(5.0)
 
 
-def test_input_retention_keeps_the_newest(database: Engine) -> None:
-    h = Harness(database, input_retention_rows=10)
-    h.writer.start()
+def test_input_retention_keeps_the_newest(database: Engine, writer_process: bool) -> None:
+    h = Harness(database, writer_process, input_retention_rows=10)
+    h.start()
     for _ in range(8):
         h.writer.record(batch(3, inputs=True))
         assert h.writer.flush(10.0)
     assert 10 <= h.count(PredictionInput) <= 13  # pruned every retention/10 inserted rows
     h.writer.close(5.0)
+
+
+def test_strings_nulls_and_mixed_batches_read_back_as_their_records(
+    database: Engine, writer_process: bool
+) -> None:
+    """Whatever the mix in one flush, each stored row says what `PredictionBatch.rows()` says."""
+    probs = np.array([[0.5, 0.25, 0.25], [0.125, 0.625, 0.25], [0.25, 0.25, 0.5]], np.float32)
+    q = np.array([[0.25, 0.5, 0.25], [np.nan] * 3, [0.125, 0.125, 0.75]], np.float32)
+    mixed = batch(3, inputs=True)
+    mixed.request_ids = ["a", "ключ-" + "x" * 100, "b" * 128]
+    mixed.routing_key = "région/東京"
+    mixed.student_probs, mixed.teacher_probs = probs, q
+    mixed.confidence = probs.max(axis=1)
+    asked, not_asked = TeacherOutcome.FALLBACK, TeacherOutcome.NOT_ASKED
+    mixed.teacher_outcome = [asked, not_asked, asked]
+    mixed.served_by_teacher = np.array([True, False, True])
+    mixed.teacher_seconds = 3e-3
+    failed = batch(2)
+    failed.teacher_outcome = [TeacherOutcome.FALLBACK_FAILED] * 2
+    failed.teacher_error, failed.teacher_version = "timeout", None
+    failed.degraded = np.ones(2, np.bool_)
+    plain = batch(1, teacher=True)
+    h = Harness(database, writer_process)
+    h.start()
+    for b in (mixed, failed, plain):
+        h.writer.record(b)
+    assert h.writer.flush(30.0)
+    h.writer.close(5.0)
+    expected = {r.request_id: r for b in (mixed, failed, plain) for r in b.rows()}
+    with database.connect() as connection:
+        stored = {r.request_id: r for r in connection.execute(select(Prediction)).all()}
+        logged = connection.execute(select(PredictionInput.request_id)).scalars().all()
+    assert stored.keys() == expected.keys() and sorted(logged) == sorted(mixed.request_ids)
+    for rid, record in expected.items():
+        row = stored[rid]
+        assert (row.model, row.student_version, row.teacher_version, row.routing_key) == (
+            record.model, record.student_version, record.teacher_version, record.routing_key,
+        )  # fmt: skip
+        assert row.served_by_teacher == (record.served_by == "teacher")
+        assert (row.degraded, row.teacher_outcome) == (record.degraded, record.teacher_outcome)
+        assert row.teacher_error == record.teacher_error
+        assert row.student_label == record.student_label
+        assert row.teacher_label == record.teacher_label
+        assert row.confidence == pytest.approx(record.confidence)
+        assert row.entropy == pytest.approx(record.entropy)
+        assert row.inclusion_probability == pytest.approx(record.inclusion_probability)
+        assert row.student_temperature == record.student_temperature
+        assert row.teacher_seconds == record.teacher_seconds
+        assert row.total_seconds == pytest.approx(record.total_seconds)
+        assert decode_probs(row.student_probs) == pytest.approx(record.student_probs)
+        if record.teacher_probs is None:
+            assert row.teacher_probs is None and row.total_variation is None
+        else:
+            assert decode_probs(row.teacher_probs) == pytest.approx(record.teacher_probs)
+            tv = 0.5 * np.abs(record.student_probs - record.teacher_probs).sum()
+            assert row.total_variation == pytest.approx(tv, abs=1e-6)
+
+
+def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(database: Engine) -> None:
+    h = Harness(database, True)
+    sink: Any = h.writer._sink  # the process under test
+    h.start()
+
+    def child_ready() -> bool:
+        h.writer.record(batch(1))
+        assert h.writer.flush(30.0)  # written in-process until the child is ready
+        return bool(sink._ready)
+
+    wait_for(child_ready, 60.0)
+    child = sink._child
+    assert child is not None and child.poll() is None
+    child.kill()
+    child.wait()
+    before = h.count()
+    for _ in range(3):
+        h.writer.record(batch(2))
+    assert h.writer.flush(30.0)
+    assert h.count() == before + 6 == h.sample("kdguard_records_written_total")
+    assert h.sample("kdguard_database_up") == 1  # the child died, not the database
+    wait_for(child_ready, 60.0)
+    replacement = sink._child
+    assert replacement is not None and replacement.pid != child.pid
+    h.writer.close(5.0)
+    assert replacement.poll() is not None  # closing the writer ends its process

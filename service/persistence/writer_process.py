@@ -1,0 +1,54 @@
+"""The prediction writer's child process: `python -m service.persistence.writer_process`.
+
+Started by `writer.ProcessSink`. Reads pickled messages from stdin: first its config
+(database URL, SQLite busy timeout, recording settings), answered with READY once it
+can write; then one `Gathered` per flush, each answered on stdout with None (committed)
+or the name of the database error. Ends
+at end of input, which is also what it sees when the serving process dies, so it never
+outlives it. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a service manager's
+stop reaches the whole process group, and the serving process still wants its final
+flush written on the way out; it closes the pipe (or kills the child) itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+
+from service.persistence.database import make_engine
+from service.persistence.rows import Gathered
+from service.persistence.writer import READY, Inserter, send
+from service.settings import RecordingSettings
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Answers go to the original stdout only; anything printed by accident goes to stderr.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    requests = sys.stdin.buffer
+    # Pickle is safe here: the only writer of this pipe is the process that started us.
+    config = pickle.load(requests)  # noqa: S301
+    engine = make_engine(config["url"], pool_size=1, busy_timeout_s=config["busy_timeout_s"])
+    inserter = Inserter(engine, RecordingSettings.model_validate(config["settings"]))
+    send(answers, READY)
+    try:
+        while True:
+            try:
+                rows = pickle.load(requests)  # noqa: S301
+            except EOFError:
+                return 0
+            if not isinstance(rows, Gathered):
+                raise TypeError(f"expected Gathered rows, got {type(rows).__name__}")
+            send(answers, inserter.write(rows))
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
