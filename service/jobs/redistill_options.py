@@ -42,7 +42,7 @@ class RedistillOptions:
     batch_size: int = 64
     weight_decay: float = 0.0
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # torch and ONNX Runtime threads; small students train fastest on one
     warm_start: bool = True
     hidden: tuple[int, ...] | None = None  # another architecture: trains from scratch
     max_parity: float = 1e-4  # largest |Δ logit| between torch and ONNX Runtime
