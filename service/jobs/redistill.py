@@ -224,8 +224,9 @@ def _gate_metrics(
     logits: npt.NDArray[np.float32], temperature: float, targets: Targets, split: TimeSplit
 ) -> dict[str, Any]:
     """Agreement with the teacher on every gate row; accuracy, ECE and NLL on the labelled
-    ones (None without labels). Rows carry weights 1/π when only teacher-observed rows
-    could be kept (`Targets.weights`), so the figures describe all traffic."""
+    ones (None without labels). When only teacher-observed rows could be kept, agreement
+    and accuracy weigh rows by 1/π (`Targets.weights`) so they describe all traffic; ECE
+    and NLL stay unweighted."""
     gate = split.gate
     p = softmax(logits, temperature).astype(np.float64)
     predicted = p.argmax(axis=1)
