@@ -137,7 +137,8 @@ class TeacherDispatcher:
             raise self._refuse("timeout") from None
 
     def shadow(self, x: Array, on_done: ShadowCallback) -> bool:
-        """Queue a shadow call; False (and counted) if it was dropped right away."""
+        """Queue a shadow call; False (counted, and `on_done` told why) if it was dropped
+        right away, so the caller still records the rows it sampled."""
         reason = None
         if self._closed:
             reason = "shutdown"
@@ -147,6 +148,7 @@ class TeacherDispatcher:
             reason = "queue_full"
         if reason is not None:
             self._dropped.labels(self._model, reason).inc()
+            on_done(None, reason, 0.0)
             return False
         deadline = self._clock() + self._settings.shadow_timeout_s
         self._push("shadow", _Job(x, deadline=deadline, on_done=on_done))

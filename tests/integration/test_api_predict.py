@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from service.monitoring.records import ServedBy, TeacherOutcome
+from service.registry import ModelRegistry
 from service.settings import Settings
 from tests.conftest import PREDICT_KEY, make_settings, running_app
 from tests.support.fakes import FakeTeacher, ListRecorder
@@ -223,3 +224,21 @@ async def test_a_remote_teacher_down_at_start_up_is_not_fatal(settings: Settings
     assert response.status_code == 200
     assert unsure["degraded"] is True and unsure["served_by"] == "student"
     assert confident["degraded"] is False
+
+
+async def test_shadow_rows_refused_by_an_open_circuit_are_still_recorded(
+    registry: ModelRegistry, fake_teacher: FakeTeacher, recorder: ListRecorder
+) -> None:
+    """Every answered request leaves a record (its feedback must not get a 404), including
+    those whose shadow call the dispatcher refused outright."""
+    settings = make_settings(registry.root, routing={"shadow_rate": 1.0, "seed": 7})
+    fake_teacher.mode = "fail"
+    async with running_app(settings, teacher=fake_teacher, recorder=recorder) as (_, client):
+        for _ in range(5):  # low-confidence rows fail at the teacher until the circuit opens
+            await client.post("/v1/predict", json={"inputs": [instance(0.01)]})
+        response = await client.post("/v1/predict", json={"inputs": [instance(1.0)]})
+        request_id = response.json()["predictions"][0]["request_id"]
+        await asyncio.sleep(0.05)
+    mine = [r for r in recorder.records if r.request_id == request_id]
+    assert len(mine) == 1 and mine[0].teacher_outcome is TeacherOutcome.SHADOW_DROPPED
+    assert mine[0].teacher_error == "circuit_open"
