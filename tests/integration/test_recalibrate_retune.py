@@ -26,7 +26,7 @@ from service.jobs.context import JobContext
 from service.monitoring.probabilities import normalized_entropy, softmax
 from service.monitoring.records import PredictionBatch, TeacherOutcome
 from service.persistence.feedback import Label, record_labels
-from service.persistence.rows import prediction_rows
+from service.persistence.rows import gather, prediction_rows
 from service.persistence.samples import (
     Maturity,
     Scope,
@@ -123,7 +123,7 @@ def store(
                 total_seconds=0.002,
             )
         )  # fmt: skip
-    rows = prediction_rows(batches).dicts()
+    rows = prediction_rows(gather(batches)).dicts()
     if null_temperature is not None:
         for row, empty in zip(rows, null_temperature, strict=True):
             if empty:
