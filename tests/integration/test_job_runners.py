@@ -132,11 +132,13 @@ def celery_setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     registry = make_registry(tmp_path / "registry", temperature=1.0)
     with scratch_postgres() as database_url:
         database = make_engine(database_url)
-        migrate.upgrade(database)
-        sim = simulate(3000, seed=10)
-        store(database, sim, temperature=1.0, seed=11)
-        label(database, sim, np.arange(3000), at=NOW - 60.0)
-        database.dispose()
+        try:
+            migrate.upgrade(database)
+            sim = simulate(3000, seed=10)
+            store(database, sim, temperature=1.0, seed=11)
+            label(database, sim, np.arange(3000), at=NOW - 60.0)
+        finally:
+            database.dispose()
         queue = f"kdguard-test-{uuid.uuid4().hex[:8]}"
         env = {
             **os.environ,
