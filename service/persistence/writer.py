@@ -154,7 +154,7 @@ class PredictionWriter:
         chasing every few new rows would turn one large transaction into many small ones,
         each paying its own round trips and commit. False if the database failed."""
         while True:
-            taken = self._take()
+            taken, rows = self._take()
             if not taken:
                 return True
             try:
@@ -165,8 +165,9 @@ class PredictionWriter:
             if not written:
                 self._put_back(taken)
                 return False
+            del taken  # free the batches now, not while holding the lock record() needs
             with self._drained:
-                self._queued_rows -= sum(len(b) for b in taken)
+                self._queued_rows = max(self._queued_rows - rows, 0)  # close() may have cleared
                 self._queue_gauge.set(self._queued_rows)
                 self._drained.notify_all()
                 more = self._queued_rows >= self._settings.batch_rows or (
@@ -175,15 +176,20 @@ class PredictionWriter:
             if not more:
                 return True
 
-    def _take(self) -> list[PredictionBatch]:
-        taken: list[PredictionBatch] = []
-        rows = 0
+    def _take(self) -> tuple[list[PredictionBatch], int]:
+        """Up to `batch_rows` rows from the queue, and their count. `record()` waits on the
+        lock meanwhile, so the usual case (everything fits) takes the queue whole."""
         with self._lock:
+            if self._queued_rows <= self._settings.batch_rows:
+                taken = list(self._queue)
+                self._queue.clear()
+                return taken, self._queued_rows
+            taken, rows = [], 0
             while self._queue and rows < self._settings.batch_rows:
                 batch = self._queue.popleft()
                 taken.append(batch)
                 rows += len(batch)
-        return taken
+        return taken, rows
 
     def _put_back(self, taken: list[PredictionBatch]) -> None:
         with self._lock:
