@@ -49,6 +49,16 @@ class ServerSettings(BaseModel):
         1_048_576, ge=1024, description="Largest request body; larger ones get 413 unread."
     )
     max_batch: int = Field(256, ge=1, description="Most instances in one inference request.")
+    max_in_flight: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Most inference requests one server process works on at once; more get 503 with "
+            "`Retry-After` at once. A student answer takes well under a millisecond, so requests "
+            "pile up only while they wait for the teacher or a worker thread: 64 keeps a 2-core "
+            "host busy without queueing seconds of work."
+        ),
+    )
     inline_max_rows: int = Field(
         32,
         ge=0,

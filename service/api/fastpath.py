@@ -10,6 +10,7 @@ passes through to FastAPI. `server.fast_path: false` turns it off.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,9 +45,9 @@ class InferenceFastPath:
         services: Services = scope["app"].state.services
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         if target is None:
-            work = inference.predict(services, headers, body)
+            work = partial(inference.predict, services, headers, body)
         else:
-            work = inference.infer(services, headers, body, target[0], target[1])
+            work = partial(inference.infer, services, headers, body, target[0], target[1])
         try:
             reply = await inference.counted(services, kind, work)
         except Exception:

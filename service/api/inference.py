@@ -8,7 +8,7 @@ whichever way a request arrives.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -23,7 +23,7 @@ from service.api.inputs import (
     to_batch,
 )
 from service.api.oip import encode_infer, parse_infer
-from service.api.state import Services
+from service.api.state import OVERLOADED, Services
 from service.errors import (
     BadInputError,
     KdguardError,
@@ -54,12 +54,29 @@ def error_reply(exc: KdguardError) -> Reply:
     return Reply(error_body(exc.message, exc.code), exc.status_code, _JSON, exc.headers)
 
 
-async def counted(services: Services, kind: str, work: Awaitable[Reply]) -> Reply:
-    """Run a handler, turning KdguardErrors into replies and counting the outcome."""
+OVERLOADED_REPLY = Reply(
+    error_body("too many requests in flight; retry shortly", "overloaded"),
+    503,
+    headers={"Retry-After": "1"},
+)
+
+
+async def counted(services: Services, kind: str, work: Callable[[], Awaitable[Reply]]) -> Reply:
+    """Admit a request, run its handler, turn KdguardErrors into replies, count the outcome.
+
+    Admission bounds the requests in flight (`server.max_in_flight`): one over the bound
+    gets 503 with `Retry-After` at once, before its handler starts.
+    """
+    if services.in_flight >= services.settings.server.max_in_flight:
+        services.count_rejected(kind, OVERLOADED)
+        return OVERLOADED_REPLY
+    services.in_flight += 1
     try:
-        reply = await work
+        reply = await work()
     except KdguardError as exc:
         reply = error_reply(exc)
+    finally:
+        services.in_flight -= 1
     services.count_request(kind, reply.status)
     return reply
 

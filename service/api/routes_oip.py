@@ -7,6 +7,7 @@ versions, of which the active one is loaded and ready.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -93,7 +94,7 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     services: Services = request.app.state.services
     body = await request.body()
-    work = inference.infer(services, request.headers, body, name, version)
+    work = partial(inference.infer, services, request.headers, body, name, version)
     return to_response(await inference.counted(services, "oip", work))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -23,7 +25,7 @@ async def predict(request: Request) -> Response:
     services: Services = request.app.state.services
     body = await request.body()
     reply = await inference.counted(
-        services, "rest", inference.predict(services, request.headers, body)
+        services, "rest", partial(inference.predict, services, request.headers, body)
     )
     return to_response(reply)
 

@@ -17,6 +17,9 @@ from service.persistence.feedback import FeedbackStore
 from service.routing.deployment import Deployment
 from service.settings import Settings
 
+INFERENCE_KINDS = ("rest", "oip")
+OVERLOADED = "in_flight_limit"  # reason: `server.max_in_flight` requests already in flight
+
 
 @dataclass
 class Services:
@@ -30,7 +33,13 @@ class Services:
     monitor: Monitor | None = None
     controller: Controller | None = None
     ready: bool = False
+    in_flight: int = 0  # inference requests being worked on (one event loop: no lock)
     _request_counters: dict[tuple[str, str], Counter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Rejections start at zero, so their rate and alerts see the series from the start.
+        for kind in INFERENCE_KINDS:
+            self.instruments.requests_rejected.labels(self.deployment.name, kind, OVERLOADED)
 
     def count_request(self, kind: str, status: int) -> None:
         outcome = _outcome(status)
@@ -40,6 +49,10 @@ class Services:
             child = self.instruments.requests.labels(name, kind, outcome)
             self._request_counters[(kind, outcome)] = child
         child.inc()
+
+    def count_rejected(self, kind: str, reason: str) -> None:
+        self.instruments.requests_rejected.labels(self.deployment.name, kind, reason).inc()
+        self.count_request(kind, 503)
 
 
 def _outcome(status: int) -> str:

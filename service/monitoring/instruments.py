@@ -40,6 +40,7 @@ ROLLOUT_STAGES = ("shadow", "ab", "promoted", "rolled_back")
 @dataclass(frozen=True)
 class Instruments:
     requests: Counter
+    requests_rejected: Counter
     predictions: Counter
     latency: Histogram
     fallbacks: Counter
@@ -120,6 +121,11 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
             "kdguard_requests",
             "Inference HTTP requests by API kind and outcome.",
             ("model", "kind", "outcome"),
+        ),
+        requests_rejected=counter(
+            "kdguard_requests_rejected",
+            "Inference HTTP requests refused before any work, by API kind and reason.",
+            ("model", "kind", "reason"),
         ),
         predictions=counter(
             "kdguard_predictions",
