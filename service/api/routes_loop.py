@@ -20,6 +20,7 @@ from service.api.schemas import (
     JobPublic,
     RolloutCreate,
     RolloutPublic,
+    RowId,
     RuleUpdate,
     ThresholdsPublic,
     error_responses,
@@ -79,7 +80,7 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", summary="One job", responses=error_responses(404))
-async def get_job(job_id: int, services: ServicesDep, _: AdminKey) -> JobPublic:
+async def get_job(job_id: RowId, services: ServicesDep, _: AdminKey) -> JobPublic:
     return _job(_read(services, lambda c: loop.get_job(c, job_id)))
 
 
@@ -99,7 +100,7 @@ async def trigger_job(body: JobCreate, services: ServicesDep, key: AdminKey) -> 
     summary="Cancel a pending job, or stop a running one",
     responses=error_responses(404, 409),
 )
-async def cancel_job(job_id: int, services: ServicesDep, key: AdminKey) -> JobPublic:
+async def cancel_job(job_id: RowId, services: ServicesDep, key: AdminKey) -> JobPublic:
     with services.sessions.begin() as session:
         row = loop.cancel_job(session.connection(), job_id, actor=f"admin:{key}")
     return _job(row)
@@ -141,7 +142,7 @@ async def list_rollouts(services: ServicesDep, _: AdminKey) -> list[RolloutPubli
 
 
 @router.get("/rollouts/{rollout_id}", summary="One rollout", responses=error_responses(404))
-async def get_rollout(rollout_id: int, services: ServicesDep, _: AdminKey) -> RolloutPublic:
+async def get_rollout(rollout_id: RowId, services: ServicesDep, _: AdminKey) -> RolloutPublic:
     return _rollout(_read(services, lambda c: loop.get_rollout(c, rollout_id)))
 
 
@@ -163,7 +164,7 @@ async def create_rollout(
     summary="Run the promotion gate now and store its statistics (no decision is taken)",
     responses=error_responses(404),
 )
-async def run_gate(rollout_id: int, services: ServicesDep, _: AdminKey) -> dict[str, Any]:
+async def run_gate(rollout_id: RowId, services: ServicesDep, _: AdminKey) -> dict[str, Any]:
     row = _read(services, lambda c: loop.get_rollout(c, rollout_id))
     pairs = _read(services, lambda c: gate.load_pairs(c, rollout_id))
     settings = services.settings.rollout.model_copy(update=row.config)
@@ -179,7 +180,7 @@ def _move(name: str, summary: str) -> None:
         name=f"rollout_{name}",
         responses=error_responses(404, 409),
     )
-    async def move(rollout_id: int, services: ServicesDep, key: AdminKey) -> RolloutPublic:
+    async def move(rollout_id: RowId, services: ServicesDep, key: AdminKey) -> RolloutPublic:
         controller = _controller(services)
         action = {"advance": controller.advance, "promote": controller.promote,
                   "rollback": controller.rollback}[name]  # fmt: skip

@@ -6,9 +6,14 @@ models describe exactly the same bodies so the spec, the docs and clients agree.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
+
+# A database row id in a path: a positive 64-bit integer (larger ones cannot name a row,
+# and SQLite refuses to compare with them), so anything else is a 422, never a 500.
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 class PredictRequest(BaseModel):
