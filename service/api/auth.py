@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import ForbiddenError, UnauthorizedError
 from service.settings import AuthSettings, Scope
@@ -50,17 +51,33 @@ class KeyRing:
 
 
 def bearer_or_api_key(headers: Mapping[str, str]) -> str | None:
-    """The key from `Authorization: Bearer KEY` or `X-API-Key: KEY` (lower-case names)."""
+    """The key from `Authorization: Bearer KEY` or `X-API-Key: KEY` (lower-case names).
+
+    An `Authorization` header, when sent, decides alone: one that is not a bearer key
+    presents no key, so a malformed credential is refused even beside a valid `X-API-Key`.
+    """
     header = headers.get("authorization")
-    if header and header[:7].lower() == "bearer ":
+    if header is None:
+        return headers.get("x-api-key")
+    if header[:7].lower() == "bearer ":
         return header[7:].strip()
-    return headers.get("x-api-key")
+    return None
 
 
-def require(scope: Scope) -> Callable[[Request], Coroutine[Any, Any, str]]:
+# Declared so OpenAPI documents the two ways to send a key (and clients and fuzzers see
+# which routes need one); `auto_error=False`: the key ring makes the 401/403 decision.
+_BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="`Bearer KEY`")
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey")
+
+
+def require(scope: Scope) -> Callable[..., Coroutine[Any, Any, str]]:
     """A FastAPI dependency that admits only keys with `scope`."""
 
-    async def dependency(request: Request) -> str:
+    async def dependency(
+        request: Request,
+        _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+        _api_key: Annotated[str | None, Security(_API_KEY)],
+    ) -> str:
         keys: KeyRing = request.app.state.services.keys
         return keys.check(bearer_or_api_key(request.headers), scope)
 

@@ -32,3 +32,29 @@ async def test_row_ids_out_of_range_are_refused_not_a_server_error(
     response = await client.request(method, path, headers=ADMIN)
     assert response.status_code == 422, response.text
     assert response.json()["code"] == "unprocessable"
+
+
+@pytest.mark.parametrize(
+    "authorization", ["Df!", "", "Basic YWRtaW46YWRtaW4=", "Bearer ", "Bearer nope"]
+)
+async def test_a_malformed_authorization_header_is_refused_beside_a_valid_api_key(
+    client: httpx.AsyncClient, authorization: str
+) -> None:
+    headers = {**ADMIN, "Authorization": authorization}
+    response = await client.get("/v1/admin/routing", headers=headers)
+    assert response.status_code == 401, response.text
+    assert (await client.get("/v1/admin/routing", headers=ADMIN)).status_code == 200
+    bearer = {"Authorization": f"bearer {ADMIN_KEY}"}
+    assert (await client.get("/v1/admin/routing", headers=bearer)).status_code == 200
+
+
+async def test_openapi_declares_how_admin_routes_authenticate(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer", "description": "`Bearer KEY`"}
+    assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            secured = {name for option in operation.get("security", []) for name in option}
+            expected = {"bearer", "apiKey"} if path.startswith("/v1/admin/") else set()
+            assert secured == expected, (method, path)
