@@ -20,7 +20,7 @@ from service.registry import Manifest
 from service.settings import Scope
 
 AdminKey = Annotated[str, Depends(require(Scope.ADMIN))]
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(401, 403))
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(400, 401, 403))
 
 
 @router.get("/models", summary="Models with their versions")

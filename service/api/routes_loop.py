@@ -34,7 +34,7 @@ from service.persistence import loop
 from service.settings import Scope
 
 AdminKey = Annotated[str, Depends(require(Scope.ADMIN))]
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(401, 403))
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(400, 401, 403))
 
 
 def _controller(services: Services) -> Controller:

@@ -58,3 +58,18 @@ async def test_openapi_declares_how_admin_routes_authenticate(client: httpx.Asyn
             secured = {name for option in operation.get("security", []) for name in option}
             expected = {"bearer", "apiKey"} if path.startswith("/v1/admin/") else set()
             assert secured == expected, (method, path)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("PUT", "/v1/admin/routing"), ("POST", "/v1/admin/jobs"), ("POST", "/v1/admin/rollouts")],
+)
+async def test_an_unparsable_admin_body_gets_a_documented_400(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    headers = {**ADMIN, "Content-Type": "application/json"}
+    response = await client.request(method, path, headers=headers, content=b"\x11K\xff\xfeQ")
+    assert response.status_code == 400
+    assert response.json()["code"] == "bad_request"
+    document = (await client.get("/openapi.json")).json()
+    assert "400" in document["paths"][path][method.lower()]["responses"]
