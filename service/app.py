@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from sqlalchemy import Engine
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service import __version__
 from service.api import (
@@ -159,7 +159,12 @@ def create_app(
     app.include_router(routes_admin.router)
     app.include_router(routes_loop.router)
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus exposition")
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus exposition",
+        response_class=PlainTextResponse,  # documents text/plain, as it answers
+    )
     async def metrics(request: Request) -> Response:
         return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 

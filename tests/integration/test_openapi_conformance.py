@@ -73,3 +73,14 @@ async def test_an_unparsable_admin_body_gets_a_documented_400(
     assert response.json()["code"] == "bad_request"
     document = (await client.get("/openapi.json")).json()
     assert "400" in document["paths"][path][method.lower()]["responses"]
+
+
+async def test_metrics_document_the_content_type_they_answer_with(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain;")
+    document = (await client.get("/openapi.json")).json()
+    assert list(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == [
+        "text/plain"
+    ]
