@@ -84,3 +84,21 @@ async def test_metrics_document_the_content_type_they_answer_with(
     assert list(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == [
         "text/plain"
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/v1/admin/routing", "GET, PUT"),
+        ("/v1/admin/jobs", "GET, POST"),
+        ("/v1/admin/rollouts", "GET, POST"),
+        ("/v1/predict", "POST"),
+    ],
+)
+async def test_a_405_lists_every_method_the_path_allows(
+    client: httpx.AsyncClient, path: str, allowed: str
+) -> None:
+    response = await client.request("OPTIONS", path, headers=ADMIN)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert response.json()["code"] == "method_not_allowed"
