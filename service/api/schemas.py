@@ -138,10 +138,30 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 def request_body(model: type[BaseModel], *, many: bool = False) -> dict[str, Any]:
     """`openapi_extra` for a route that reads its body by hand but documents `model`
     (`many`: one object or a list of them)."""
-    schema = model.model_json_schema()
+    schema = _inlined(model.model_json_schema())
     if many:
         schema = {"anyOf": [schema, {"type": "array", "items": schema}]}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with its `$defs` written in place: `#/$defs/...` cannot be resolved from
+    inside the OpenAPI document, where `openapi_extra` puts it. (Our bodies are not
+    recursive, so inlining ends.)"""
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    inlined: dict[str, Any] = resolve(schema)
+    return inlined
 
 
 class JobPublic(BaseModel):

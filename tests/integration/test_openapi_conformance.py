@@ -102,3 +102,12 @@ async def test_a_405_lists_every_method_the_path_allows(
     assert response.status_code == 405
     assert response.headers["allow"] == allowed
     assert response.json()["code"] == "method_not_allowed"
+
+
+async def test_request_bodies_have_no_dangling_references(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    text = str(document)
+    assert "#/$defs/" not in text
+    infer = document["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]
+    tensor = infer["content"]["application/json"]["schema"]["properties"]["inputs"]["items"]
+    assert {"name", "shape", "datatype", "data"} <= set(tensor["properties"])
