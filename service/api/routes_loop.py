@@ -18,6 +18,7 @@ from service.api.auth import require
 from service.api.schemas import (
     JobCreate,
     JobPublic,
+    JobStatus,
     RolloutCreate,
     RolloutPublic,
     RowId,
@@ -66,7 +67,7 @@ def _rollout(row: loop.RolloutRow) -> RolloutPublic:
 async def list_jobs(
     services: ServicesDep,
     _: AdminKey,
-    job_status: Annotated[list[str] | None, Query(alias="status")] = None,
+    job_status: Annotated[list[JobStatus] | None, Query(alias="status")] = None,
     kind: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[JobPublic]:

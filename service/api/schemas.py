@@ -11,16 +11,22 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.inputs import REQUEST_ID
+
 # A database row id in a path: a positive 64-bit integer (larger ones cannot name a row,
 # and SQLite refuses to compare with them), so anything else is a 422, never a 500.
 RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
+NonEmpty = Field(min_length=1)
+RequestId = Annotated[str, Field(pattern=REQUEST_ID.pattern)]
+
+
 class PredictRequest(BaseModel):
-    inputs: list[list[float]] | list[float] = Field(
+    inputs: Annotated[list[list[float]], NonEmpty] | Annotated[list[float], NonEmpty] = Field(
         description="A list of instances (each a list of numbers), or one flat instance."
     )
-    request_ids: list[str] | None = Field(
+    request_ids: list[RequestId] | None = Field(
         None, description="Optional ids, one per instance; generated when absent."
     )
     routing_key: str | None = Field(
@@ -43,7 +49,7 @@ class PredictResponse(BaseModel):
 
 
 class FeedbackItem(BaseModel):
-    request_id: str = Field(description="The request id a prediction returned.")
+    request_id: RequestId = Field(description="The request id a prediction returned.")
     label: int = Field(ge=0, description="The true class index.")
 
 
@@ -91,7 +97,7 @@ class InferTensor(BaseModel):
 class InferRequestBody(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[InferTensor]
+    inputs: list[InferTensor] = Field(min_length=1, max_length=1, description="One tensor.")
     outputs: list[dict[str, Any]] | None = None
 
 
@@ -162,6 +168,9 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
 
     inlined: dict[str, Any] = resolve(schema)
     return inlined
+
+
+JobStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobPublic(BaseModel):

@@ -6,6 +6,8 @@ and the answer it must get now.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -111,3 +113,39 @@ async def test_request_bodies_have_no_dangling_references(client: httpx.AsyncCli
     infer = document["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]
     tensor = infer["content"]["application/json"]["schema"]["properties"]["inputs"]["items"]
     assert {"name", "shape", "datatype", "data"} <= set(tensor["properties"])
+
+
+async def test_an_unknown_job_status_filter_is_refused(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/admin/jobs?status=-6.2e16", headers=ADMIN)
+    assert response.status_code == 422
+    response = await client.get("/v1/admin/jobs?status=failed&status=pending", headers=ADMIN)
+    assert response.status_code == 200
+
+
+async def test_body_schemas_say_what_the_handlers_accept(client: httpx.AsyncClient) -> None:
+    """Requests valid by the schema but refused by the handler (empty batches, several OIP
+    tensors, malformed request ids) now violate the schema too."""
+    document = (await client.get("/openapi.json")).json()
+
+    def body(path: str) -> dict[str, Any]:
+        operation = document["paths"][path]["post"]["requestBody"]
+        schema: dict[str, Any] = operation["content"]["application/json"]["schema"]
+        return schema
+
+    predict = body("/v1/predict")["properties"]
+    assert all(option["minItems"] == 1 for option in predict["inputs"]["anyOf"])
+    ids = predict["request_ids"]["anyOf"][0]["items"]
+    assert ids["pattern"] == r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+    tensors = body("/v2/models/{name}/infer")["properties"]["inputs"]
+    assert (tensors["minItems"], tensors["maxItems"]) == (1, 1)
+    feedback = body("/v1/feedback")["anyOf"][0]["properties"]["request_id"]
+    assert feedback["pattern"] == ids["pattern"]
+
+    # And the handlers refuse what the schema refuses.
+    bad = [
+        ("/v1/predict", {"inputs": []}),
+        ("/v2/models/tiny/infer", {"inputs": []}),
+        ("/v1/feedback", [{"request_id": "", "label": 1}]),
+    ]
+    for path, payload in bad:
+        assert (await client.post(path, json=payload, headers=ADMIN)).status_code == 400, path
