@@ -146,7 +146,7 @@ def request_body(model: type[BaseModel], *, many: bool = False) -> dict[str, Any
     (`many`: one object or a list of them)."""
     schema = _inlined(model.model_json_schema())
     if many:
-        schema = {"anyOf": [schema, {"type": "array", "items": schema}]}
+        schema = {"anyOf": [schema, {"type": "array", "items": schema, "minItems": 1}]}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 

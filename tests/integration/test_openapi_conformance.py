@@ -138,14 +138,16 @@ async def test_body_schemas_say_what_the_handlers_accept(client: httpx.AsyncClie
     assert ids["pattern"] == r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
     tensors = body("/v2/models/{name}/infer")["properties"]["inputs"]
     assert (tensors["minItems"], tensors["maxItems"]) == (1, 1)
-    feedback = body("/v1/feedback")["anyOf"][0]["properties"]["request_id"]
-    assert feedback["pattern"] == ids["pattern"]
+    feedback = body("/v1/feedback")["anyOf"]
+    assert feedback[0]["properties"]["request_id"]["pattern"] == ids["pattern"]
+    assert feedback[1]["minItems"] == 1
 
     # And the handlers refuse what the schema refuses.
     bad = [
         ("/v1/predict", {"inputs": []}),
         ("/v2/models/tiny/infer", {"inputs": []}),
         ("/v1/feedback", [{"request_id": "", "label": 1}]),
+        ("/v1/feedback", []),
     ]
     for path, payload in bad:
         assert (await client.post(path, json=payload, headers=ADMIN)).status_code == 400, path
