@@ -133,6 +133,9 @@ class RoutingPublic(BaseModel):
 
 
 class RoutingUpdate(BaseModel):
+    # strict: JSON true/false or "0.5" are not numbers (lax mode read false as 0.0)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     fallback_threshold: float | None = Field(None, ge=0.0, le=1.0)
     shadow_rate: float | None = Field(None, ge=0.0, le=1.0)
 
@@ -235,7 +238,7 @@ class ThresholdsPublic(BaseModel):
 class RuleUpdate(BaseModel):
     """Fields of one trigger rule to override at run time (stored, all replicas follow)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     value: float | None = None
     statistic: Literal["value", "ci_low", "ci_high", "alert"] | None = None

@@ -151,3 +151,19 @@ async def test_body_schemas_say_what_the_handlers_accept(client: httpx.AsyncClie
     ]
     for path, payload in bad:
         assert (await client.post(path, json=payload, headers=ADMIN)).status_code == 400, path
+
+
+@pytest.mark.parametrize(
+    "update",
+    [{"shadow_rate": False}, {"fallback_threshold": True}, {"shadow_rate": "0.1"}, {"tau": 0.5}],
+)
+async def test_routing_updates_take_numbers_only(
+    client: httpx.AsyncClient, update: dict[str, object]
+) -> None:
+    before = (await client.get("/v1/admin/routing", headers=ADMIN)).json()
+    response = await client.put("/v1/admin/routing", json=update, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert (await client.get("/v1/admin/routing", headers=ADMIN)).json() == before
+    response = await client.put("/v1/admin/routing", json={"shadow_rate": 0}, headers=ADMIN)
+    assert response.status_code == 200
+    assert response.json()["shadow_rate"] == 0.0
