@@ -235,11 +235,21 @@ class RecordingSettings(BaseModel):
         description="Most records waiting for the database; past it they are dropped and counted.",
     )
     batch_rows: int = Field(
-        500,
+        5000,
         ge=1,
-        description="Most records in one insert transaction (bigger batches hold the GIL longer).",
+        description=(
+            "Most records in one insert transaction. Each flush has a fixed cost (a"
+            " transaction, round trips), so fewer, larger ones cost less per record."
+        ),
     )
-    flush_interval_s: float = Field(0.25, gt=0, description="How often the writer flushes.")
+    flush_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "How often the writer flushes (sooner when `batch_rows` records wait, or when"
+            " feedback needs its predictions stored)."
+        ),
+    )
     writer_process: bool = Field(
         True,
         description=(

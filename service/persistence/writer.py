@@ -18,6 +18,8 @@ or for an in-memory SQLite database, the writer thread inserts itself.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import pickle
@@ -61,6 +63,7 @@ class PredictionWriter:
         self._flush_waiters = 0
         self._database_up = True
         self._thread = threading.Thread(target=self._run, name="kdguard-writer", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._dropped: dict[str, Counter] = {
             r: instruments.records_dropped.labels(model, r)
             for r in ("queue_full", "database_down", "shutdown")
@@ -76,7 +79,15 @@ class PredictionWriter:
         )
 
     def start(self, wait_s: float = 0.0) -> None:
-        """Start writing; wait up to `wait_s` for the writer process to be ready."""
+        """Start writing; wait up to `wait_s` for the writer process to be ready.
+
+        Started on an event loop (the server's lifespan), the writer has that loop gather
+        each flush and free its batches, between requests: a few C-level passes over the
+        batches. Done by the writer thread, the same work made the thread and the busy
+        loop trade the GIL back and forth dozens of times per flush.
+        """
+        with contextlib.suppress(RuntimeError):  # no running loop: the thread gathers
+            self._loop = asyncio.get_running_loop()
         self._up_gauge.set(1)
         self._sink.start(wait_s)
         self._thread.start()
@@ -165,7 +176,8 @@ class PredictionWriter:
             if not written:
                 self._put_back(taken)
                 return False
-            del taken  # free the batches now, not while holding the lock record() needs
+            self._on_loop(taken.clear)  # free the batches where they were made
+            del taken
             with self._drained:
                 self._queued_rows = max(self._queued_rows - rows, 0)  # close() may have cleared
                 self._queue_gauge.set(self._queued_rows)
@@ -197,7 +209,11 @@ class PredictionWriter:
 
     def _write(self, batches: list[PredictionBatch]) -> bool:
         started = time.perf_counter()
-        rows = gather(batches)
+        # In parts: on the event loop, each part is one short pause between requests.
+        rows = [
+            self._gather(batches[i : i + _GATHER_BATCHES])
+            for i in range(0, len(batches), _GATHER_BATCHES)
+        ]
         failure = self._sink.write(rows)
         if failure is not None:
             if self._database_up:
@@ -205,8 +221,39 @@ class PredictionWriter:
             self._set_up(False)
             return False
         self._set_up(True)
-        self._written.inc(len(rows))
+        self._written.inc(sum(map(len, rows)))
         self._flush_seconds.observe(time.perf_counter() - started)
+        return True
+
+    def _gather(self, batches: list[PredictionBatch]) -> Gathered:
+        """`gather(batches)`, run on the event loop when there is one (see `start`)."""
+        done: concurrent.futures.Future[Gathered] = concurrent.futures.Future()
+
+        def run() -> None:
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(gather(batches))
+                except BaseException as exc:  # handed to the writer thread, which logs it
+                    done.set_exception(exc)
+
+        if not self._on_loop(run):
+            return gather(batches)
+        try:
+            return done.result(timeout=_LOOP_WAIT_S)
+        except concurrent.futures.TimeoutError:
+            if done.cancel():  # the loop is stuck or stopping: do it here
+                return gather(batches)
+            return done.result()  # it is running on the loop right now
+
+    def _on_loop(self, callback: Callable[[], object]) -> bool:
+        """Schedule `callback` on the event loop; False if there is no loop to run it."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return False
+        try:
+            loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # closed in the meantime
+            return False
         return True
 
     def _set_up(self, up: bool) -> None:
@@ -219,7 +266,7 @@ class PredictionWriter:
 class Sink(Protocol):
     def start(self, wait_s: float) -> None: ...
 
-    def write(self, rows: Gathered) -> str | None:
+    def write(self, rows: list[Gathered]) -> str | None:
         """Insert the rows in one transaction: None, or why the database refused them."""
         ...
 
@@ -236,14 +283,14 @@ class Inserter:
         self._postgres = is_postgres(engine)
         self._since_prune = 0
 
-    def write(self, rows: Gathered) -> str | None:
-        predictions, inputs = prediction_rows(rows), input_rows(rows)
+    def write(self, rows: list[Gathered]) -> str | None:
+        tables = [(prediction_rows(part), input_rows(part)) for part in rows]
         try:
             try:
-                self._insert_all(predictions, inputs, fast=True)
+                self._insert_all(tables, fast=True)
             except IntegrityError:
                 # COPY cannot skip a duplicate client-supplied request id; INSERT can.
-                self._insert_all(predictions, inputs, fast=False)
+                self._insert_all(tables, fast=False)
         except SQLAlchemyError as exc:
             return exc.__class__.__name__
         return None
@@ -254,18 +301,19 @@ class Inserter:
     def close(self, *, force: bool = False) -> None:
         return None
 
-    def _insert_all(self, predictions: Rows, inputs: Rows, *, fast: bool) -> None:
+    def _insert_all(self, tables: list[tuple[Rows, Rows]], *, fast: bool) -> None:
         with self._engine.begin() as connection:
-            for table, rows in ((Prediction, predictions), (PredictionInput, inputs)):
-                if not rows:
-                    continue
-                if not fast:
-                    connection.execute(self._insert(table), rows.dicts())
-                elif self._postgres:
-                    _copy(connection, table.__tablename__, rows)
-                else:
-                    _sqlite_insert_or_ignore(connection, table.__tablename__, rows)
-            self._prune_inputs(connection, len(inputs))
+            for predictions, inputs in tables:
+                for table, rows in ((Prediction, predictions), (PredictionInput, inputs)):
+                    if not rows:
+                        continue
+                    if not fast:
+                        connection.execute(self._insert(table), rows.dicts())
+                    elif self._postgres:
+                        _copy(connection, table.__tablename__, rows)
+                    else:
+                        _sqlite_insert_or_ignore(connection, table.__tablename__, rows)
+            self._prune_inputs(connection, sum(len(inputs) for _, inputs in tables))
 
     def _prune_inputs(self, connection: Any, added: int) -> None:
         """Keep at most `input_retention_rows` logged inputs (checked every so often)."""
@@ -286,11 +334,11 @@ class Inserter:
 class ProcessSink:
     """Hands each flush to a child process (`python -m service.persistence.writer_process`).
 
-    One request, one answer: a pickled `Gathered` goes down the child's stdin in a single
-    write, the outcome comes back on its stdout. The writer thread blocks on the answer
-    with the GIL released, so a flush costs this process a few GIL round trips whatever
-    its size. Until the child says it is ready (its imports take a second or more), and
-    after it dies until a new one is, flushes are inserted here instead: records are
+    One request, one answer: the flush's `Gathered` parts, pickled, go down the child's
+    stdin in one write; the outcome comes back on its stdout. The writer thread blocks on
+    the answer with the GIL released, so a flush costs this process a few GIL round trips
+    whatever its size. Until the child says it is ready (its imports take a second or
+    more), and after it dies until a new one is, flushes are inserted here instead: records are
     never held back by the child's start-up.
     """
 
@@ -312,7 +360,7 @@ class ProcessSink:
         if wait_s > 0:
             self._ready_child(wait_s)
 
-    def write(self, rows: Gathered) -> str | None:
+    def write(self, rows: list[Gathered]) -> str | None:
         child = self._ready_child()
         if child is None:
             return self._inline.write(rows)
@@ -388,6 +436,8 @@ class ProcessSink:
 
 
 READY = "ready"  # the writer process's first message
+_LOOP_WAIT_S = 2.0  # longest wait for the event loop to gather part of a flush
+_GATHER_BATCHES = 512  # batches gathered in one go (~1 ms of the event loop's time)
 _RESTART_AFTER_S = 1.0
 
 

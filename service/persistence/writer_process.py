@@ -2,9 +2,9 @@
 
 Started by `writer.ProcessSink`. Reads pickled messages from stdin: first its config
 (database URL, SQLite busy timeout, recording settings), answered with READY once it
-can write; then one `Gathered` per flush, each answered on stdout with None (committed)
-or the name of the database error. Ends
-at end of input, which is also what it sees when the serving process dies, so it never
+can write; then one list of `Gathered` parts per flush, inserted in one transaction and
+answered on stdout with None (committed) or the name of the database error. Ends at end
+of input, which is also what it sees when the serving process dies, so it never
 outlives it. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a service manager's
 stop reaches the whole process group, and the serving process still wants its final
 flush written on the way out; it closes the pipe (or kills the child) itself.
@@ -43,8 +43,8 @@ def main() -> int:
                 rows = pickle.load(requests)  # noqa: S301
             except EOFError:
                 return 0
-            if not isinstance(rows, Gathered):
-                raise TypeError(f"expected Gathered rows, got {type(rows).__name__}")
+            if not (isinstance(rows, list) and all(isinstance(r, Gathered) for r in rows)):
+                raise TypeError(f"expected a list of Gathered rows, got {type(rows).__name__}")
             send(answers, inserter.write(rows))
     finally:
         engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -271,3 +272,19 @@ def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(database: Engi
     assert replacement is not None and replacement.pid != child.pid
     h.writer.close(5.0)
     assert replacement.poll() is not None  # closing the writer ends its process
+
+
+async def test_started_on_an_event_loop_the_loop_gathers_and_a_blocked_loop_cannot_stall_it(
+    database: Engine, writer_process: bool
+) -> None:
+    h = Harness(database, writer_process)
+    h.start()  # on this test's event loop: flushes are gathered there
+    for _ in range(3):
+        h.writer.record(batch(2, teacher=True))
+    assert await asyncio.to_thread(h.writer.flush, 30.0)  # the loop is free to gather
+    assert h.count() == 6
+    h.writer.record(batch(1))
+    started = time.monotonic()
+    assert h.writer.flush(30.0)  # blocks the loop itself: the thread gathers after a wait
+    assert h.count() == 7 and time.monotonic() - started < 15.0
+    await asyncio.to_thread(h.writer.close, 5.0)
