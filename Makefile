@@ -22,10 +22,11 @@ demo-traffic: $(STAMP)  ## the same, with a drifting traffic generator
 test: $(STAMP)  ## the whole test suite (unit, integration, end-to-end)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)  ## ruff and mypy --strict
+lint: $(STAMP)  ## ruff, mypy --strict and bandit
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive service
 
 bench: $(STAMP)  ## side-by-side serving benchmark against ../shared/bench/naive_peer.py
 	$(BIN)/python bench/serving.py

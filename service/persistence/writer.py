@@ -22,8 +22,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import pickle
-import subprocess
+import pickle  # frames to and from the writer child we start  # nosec B403
+import subprocess  # starts that child  # nosec B404
 import sys
 import threading
 import time
@@ -367,7 +367,8 @@ class ProcessSink:
         assert child.stdin is not None and child.stdout is not None
         try:
             send(child.stdin, rows)
-            answer = pickle.load(child.stdout)  # noqa: S301 (our own child, over our own pipe)
+            # Our own child, over our own pipe: nothing else can write to it.
+            answer = pickle.load(child.stdout)  # noqa: S301  # nosec B301
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             # Committed or not, writing again is safe: duplicates are skipped.
             log.warning("prediction writer process is gone (%s)", exc.__class__.__name__)
@@ -392,7 +393,7 @@ class ProcessSink:
         if not readable([child.stdout], [], [], wait_s)[0]:
             return None  # still starting
         try:
-            hello = pickle.load(child.stdout)  # noqa: S301
+            hello = pickle.load(child.stdout)  # noqa: S301  # as above  # nosec B301
         except (EOFError, pickle.UnpicklingError):
             hello = None
         if hello != READY:
@@ -403,7 +404,8 @@ class ProcessSink:
         return child
 
     def _start(self) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(
+        # No shell; our own interpreter with fixed arguments.
+        child = subprocess.Popen(  # nosec B603
             [sys.executable, "-m", "service.persistence.writer_process"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

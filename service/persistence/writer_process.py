@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
+import pickle  # frames from the serving process that started us  # nosec B403
 import signal
 import sys
 
@@ -33,14 +33,14 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     requests = sys.stdin.buffer
     # Pickle is safe here: the only writer of this pipe is the process that started us.
-    config = pickle.load(requests)  # noqa: S301
+    config = pickle.load(requests)  # noqa: S301  # nosec B301
     engine = make_engine(config["url"], pool_size=1, busy_timeout_s=config["busy_timeout_s"])
     inserter = Inserter(engine, RecordingSettings.model_validate(config["settings"]))
     send(answers, READY)
     try:
         while True:
             try:
-                rows = pickle.load(requests)  # noqa: S301
+                rows = pickle.load(requests)  # noqa: S301  # nosec B301
             except EOFError:
                 return 0
             if not (isinstance(rows, list) and all(isinstance(r, Gathered) for r in rows)):
