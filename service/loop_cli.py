@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -233,13 +232,3 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     worker_main(settings)
     return 0
-
-
-def wait_for_job(settings: Settings, job_id: int, timeout_s: float) -> loop.JobRow:
-    """Poll a job until it finishes (scripts and tests)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = _db(settings, lambda c: loop.get_job(c, job_id))
-        if job.status in loop.FINISHED_JOB or time.monotonic() > deadline:
-            return job
-        time.sleep(0.2)

@@ -162,15 +162,14 @@ async def create_rollout(
 
 @router.post(
     "/rollouts/{rollout_id}/gate",
-    summary="Run the promotion gate now and store its statistics (no decision is taken)",
+    summary="Run the promotion gate now and show its verdict (nothing is stored or decided)",
     responses=error_responses(404),
 )
 async def run_gate(rollout_id: RowId, services: ServicesDep, _: AdminKey) -> dict[str, Any]:
-    row = _read(services, lambda c: loop.get_rollout(c, rollout_id))
-    pairs = _read(services, lambda c: gate.load_pairs(c, rollout_id))
-    settings = services.settings.rollout.model_copy(update=row.config)
-    stats = gate.statistics(pairs, stage_started=row.updated_at)
-    verdict = gate.judge(stats, settings, stage=row.stage if row.open else "ab")
+    defaults = services.settings.rollout
+    verdict: gate.Verdict = _read(
+        services, lambda c: gate.evaluate(c, loop.get_rollout(c, rollout_id), defaults)
+    )
     return verdict.as_json()
 
 

@@ -345,9 +345,7 @@ class Controller:
         if rollout is None:
             return None
         settings = self._settings.rollout.model_copy(update=rollout.config)
-        pairs = await self._db_call(lambda c: gate.load_pairs(c, rollout.id))
-        stats = gate.statistics(pairs, stage_started=rollout.updated_at)
-        verdict = gate.judge(stats, settings, stage=rollout.stage)
+        verdict = await self._db_call(lambda c: gate.evaluate(c, rollout, self._settings.rollout))
         await self._db_call(lambda c: loop.save_gate_statistics(c, rollout.id, verdict.as_json()))
         for name, value in verdict.statistics.items():
             self._m.rollout_gate.labels(self.model, rollout.candidate_version, name).set(value)

@@ -36,6 +36,7 @@ from service.monitoring.metrics import (
     expected_calibration_error,
 )
 from service.monitoring.metrics.intervals import effective_sample_size, mcnemar_exact, z_quantile
+from service.persistence.loop import RolloutRow
 from service.persistence.tables import Feedback, Prediction, RolloutOutput
 from service.settings import RolloutSettings
 
@@ -102,6 +103,15 @@ def load_pairs(connection: Connection, rollout_id: int) -> Pairs:
         candidate_seconds=floats(columns[6]), teacher_label=ints(columns[7]),
         inclusion_probability=floats(columns[8], 1.0), label=ints(columns[9]),
     )  # fmt: skip
+
+
+def evaluate(connection: Connection, rollout: RolloutRow, defaults: RolloutSettings) -> Verdict:
+    """The gate on a stored rollout: its pairs since it entered its stage, its own settings
+    (the defaults overridden by those it was created with). A closed rollout is judged as
+    if it were in A/B."""
+    settings = defaults.model_copy(update=rollout.config)
+    stats = statistics(load_pairs(connection, rollout.id), stage_started=rollout.updated_at)
+    return judge(stats, settings, stage=rollout.stage if rollout.open else "ab")
 
 
 def _ece(

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import numpy as np
 
 from service.backends.onnx import Array, OnnxModel
-from service.monitoring.probabilities import softmax
 
 Stage = Literal["shadow", "ab"]
 BUCKETS = 10_000
@@ -82,7 +81,3 @@ class RolloutPlan:
         while self.pairs:
             out.append(self.pairs.popleft())
         return out
-
-
-def probabilities(model: OnnxModel, logits: Array) -> Array:
-    return softmax(logits, model.manifest.temperature)
