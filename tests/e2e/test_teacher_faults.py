@@ -11,22 +11,26 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.models import instance
 from tests.support.processes import FakeTeacherProcess, KdguardProcess, fake_teacher, kdguard_server
+from tests.support.traffic import (
+    LOW,
+    Sample,
+    Traffic,
+    predict,
+    sample_value,
+    scrape,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
-LOW = 0.05  # student confidence ≈ 0.37 < τ = 0.6: goes to the teacher
-CONFIDENT = 1.0  # student confidence ≈ 0.96: the student answers
 STUDENT_SCALE = 4.0  # make_tiny_registry: the student's logits are 4·x[:, :3]
 # What the student serves for LOW: softmax([4·0.05, 0, 0])[0] ≈ 0.379 (the teacher: ≈ 0.9999).
 STUDENT_LOW_CONFIDENCE = math.exp(STUDENT_SCALE * LOW) / (math.exp(STUDENT_SCALE * LOW) + 2)
@@ -42,117 +46,7 @@ GARBAGE = {  # fake teacher mode -> the reason kdguard must count it under
 GARBAGE_REASONS = (*GARBAGE.values(), "invalid_probabilities", "internal")
 
 
-# -- traffic -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    sent: float
-    received: float
-    low: bool
-    status: int  # -1: no HTTP answer at all
-    served_by: str | None = None
-    degraded: bool | None = None
-    confidence: float | None = None
-    error: str | None = None
-
-    @property
-    def seconds(self) -> float:
-        return self.received - self.sent
-
-
-async def predict(http: httpx.AsyncClient, *, low: bool, cls: int = 0) -> Sample:
-    body = {"inputs": [instance(LOW if low else CONFIDENT, cls)]}
-    sent = time.monotonic()
-    try:
-        response = await http.post("/v1/predict", json=body)
-    except httpx.HTTPError as exc:
-        return Sample(sent, time.monotonic(), low, -1, error=repr(exc))
-    received = time.monotonic()
-    if response.status_code != 200:
-        return Sample(sent, received, low, response.status_code, error=response.text)
-    (p,) = response.json()["predictions"]
-    return Sample(sent, received, low, 200, p["served_by"], p["degraded"], p["confidence"])
-
-
-class Traffic:
-    """`workers` clients in a loop, alternating confident and low-confidence requests."""
-
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        *,
-        workers: int = 6,
-        pause_s: float = 0.01,
-        max_seconds: float = 20.0,
-        max_requests_per_worker: int = 2000,
-        low_only: bool = False,
-    ) -> None:
-        self.samples: list[Sample] = []
-        self._http = http
-        self._workers = workers
-        self._pause_s = pause_s
-        self._max_seconds = max_seconds
-        self._max_requests = max_requests_per_worker
-        self._low_only = low_only
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def _worker(self, index: int) -> None:
-        end = time.monotonic() + self._max_seconds
-        for n in range(self._max_requests):
-            if self._stop.is_set() or time.monotonic() > end:
-                return
-            low = self._low_only or (n + index) % 2 == 0
-            self.samples.append(await predict(self._http, low=low, cls=n % 3))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._pause_s)
-
-    def low(self, since: float = 0.0, until: float = float("inf")) -> list[Sample]:
-        """Low-confidence samples sent at or after `since` and answered by `until`."""
-        return [s for s in self.samples if s.low and s.sent >= since and s.received <= until]
-
-    async def __aenter__(self) -> Traffic:
-        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self._workers)]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
-
-
-async def wait_until(
-    condition: Callable[[], bool], *, timeout_s: float, what: str, interval_s: float = 0.02
-) -> float:
-    """Poll `condition` until it holds; returns the time it first did (monotonic)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if condition():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(interval_s)
-
-
 # -- metrics -----------------------------------------------------------------------------
-
-
-async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await http.get("/metrics")
-    assert response.status_code == 200, response.text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(response.text)
-        for s in family.samples
-    }
-
-
-def sample_value(
-    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    key = (name, tuple(sorted({"model": "tiny", **labels}.items())))
-    assert key in metrics, f"{name}{labels} is not exported"
-    return metrics[key]
 
 
 async def circuit_state(http: httpx.AsyncClient) -> float:
