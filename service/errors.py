@@ -65,6 +65,13 @@ class UnprocessableError(KdguardError):
     code = "unprocessable"
 
 
+class RateLimitedError(KdguardError):
+    """A client sent more than its limit allows; `Retry-After` says when it may again."""
+
+    status_code = 429
+    code = "rate_limited"
+
+
 class UnavailableError(KdguardError):
     """The service cannot answer right now (not ready, overloaded); the client may retry."""
 

@@ -462,6 +462,67 @@ class AuthSettings(BaseModel):
     )
 
 
+class FeedbackSettings(BaseModel):
+    """Limits on `/v1/feedback` and the check of its labels before a retraining job uses them."""
+
+    rate_per_s: float = Field(
+        100.0,
+        ge=0,
+        description=(
+            "Labels per second one client may send to /v1/feedback: a token bucket per "
+            "client (its feedback key's name, else its address) in each server process; a "
+            "batch of n labels costs n. Past it: 429 with `Retry-After`, nothing stored. "
+            "0 turns the limit off."
+        ),
+    )
+    burst: int = Field(
+        2000,
+        ge=1,
+        description=(
+            "Labels one client may send at once before `rate_per_s` applies (the bucket's "
+            "size); at least `server.max_batch`, so any valid batch can get through."
+        ),
+    )
+    max_clients: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "Clients whose buckets one process keeps; past it the client idle longest is "
+            "forgotten (it comes back with a full bucket)."
+        ),
+    )
+    max_client_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "Largest share of a retraining job's labels one client may supply; a client "
+            "past it has its labels thinned evenly to that share (the rest train as "
+            "unlabelled rows). With one client every label is its own, so below 1 this "
+            "needs several labelling clients. 1 turns the check off."
+        ),
+    )
+    max_teacher_disagreement: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description=(
+            "A client whose labels disagree with the teacher's answer on more than this "
+            "share of its labelled rows that have one has all its labels left out of a "
+            "retraining job (honest labels disagree as often as the teacher is wrong; "
+            "random ones over 10 classes on 90%). 1 turns the check off."
+        ),
+    )
+    disagreement_min_labels: int = Field(
+        50,
+        ge=1,
+        description=(
+            "Fewest of a client's labels with a teacher answer before "
+            "`max_teacher_disagreement` judges it."
+        ),
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration of one kdguard process."""
 
@@ -478,6 +539,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
@@ -502,6 +564,11 @@ class Settings(BaseSettings):
         secrets = [k.key.get_secret_value() for k in self.auth.api_keys]
         if len(set(secrets)) < len(secrets):
             raise ValueError("two API keys share the same secret")
+        if self.feedback.rate_per_s > 0 and self.feedback.burst < self.server.max_batch:
+            raise ValueError(
+                f"feedback.burst ({self.feedback.burst}) must be at least server.max_batch "
+                f"({self.server.max_batch}): a full batch of labels could never get through"
+            )
         if self.environment is Environment.PRODUCTION:
             for key in self.auth.api_keys:
                 if _PLACEHOLDER.search(key.key.get_secret_value()):

@@ -12,8 +12,8 @@ from starlette.responses import Response
 from service.api.auth import bearer_or_api_key
 from service.api.inputs import REQUEST_ID, load_json, require_json
 from service.api.schemas import FeedbackItem, FeedbackResponse, error_responses, request_body
-from service.api.state import Services
-from service.errors import BadInputError, KdguardError
+from service.api.state import FEEDBACK_LIMITED, Services
+from service.errors import BadInputError, KdguardError, RateLimitedError
 from service.persistence.feedback import Label
 from service.settings import Scope
 
@@ -24,7 +24,7 @@ router = APIRouter(tags=["feedback"])
     "/v1/feedback",
     summary="Record true labels (one, or a list) for earlier predictions",
     response_model=FeedbackResponse,
-    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
     openapi_extra=request_body(FeedbackItem, many=True),
 )
 async def feedback(request: Request) -> Response:
@@ -34,12 +34,17 @@ async def feedback(request: Request) -> Response:
         require_json(request.headers.get("content-type"))
         body = await request.body()
         labels = parse_labels(load_json(body), max_items=services.settings.server.max_batch)
+        if services.feedback_limits is not None:
+            services.feedback_limits.admit(client, cost=len(labels))
         key = request.headers.get("idempotency-key")
         if key is not None and not 0 < len(key) <= 128:
             raise BadInputError("Idempotency-Key must be 1-128 characters")
         result = await asyncio.to_thread(
             services.feedback.submit, labels, client=client, idempotency_key=key, body=body
         )
+    except RateLimitedError:
+        services.count_rejected("feedback", FEEDBACK_LIMITED, status=429)
+        raise
     except KdguardError as exc:
         services.count_request("feedback", exc.status_code)
         raise

@@ -140,8 +140,20 @@ class RoutingUpdate(BaseModel):
     shadow_rate: float | None = Field(None, ge=0.0, le=1.0)
 
 
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Whole seconds until the request would be accepted.",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in codes}
+    """Error responses of a route, all with the error body; a 429 also says when to retry."""
+    return {
+        code: {"model": ErrorBody, "headers": _RETRY_AFTER} if code == 429 else {"model": ErrorBody}
+        for code in codes
+    }
 
 
 def request_body(model: type[BaseModel], *, many: bool = False) -> dict[str, Any]:

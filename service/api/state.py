@@ -15,10 +15,12 @@ from service.monitoring.instruments import Instruments
 from service.monitoring.monitor import Monitor
 from service.persistence.feedback import FeedbackStore
 from service.routing.deployment import Deployment
+from service.routing.limits import ClientLimits
 from service.settings import Settings
 
 INFERENCE_KINDS = ("rest", "oip")
 OVERLOADED = "in_flight_limit"  # reason: `server.max_in_flight` requests already in flight
+FEEDBACK_LIMITED = "client_rate_limit"  # reason: a client over its `feedback.rate_per_s`
 
 
 @dataclass
@@ -34,12 +36,18 @@ class Services:
     controller: Controller | None = None
     ready: bool = False
     in_flight: int = 0  # inference requests being worked on (one event loop: no lock)
+    feedback_limits: ClientLimits | None = field(init=False)
     _request_counters: dict[tuple[str, str], Counter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Rejections start at zero, so their rate and alerts see the series from the start.
         for kind in INFERENCE_KINDS:
             self.instruments.requests_rejected.labels(self.deployment.name, kind, OVERLOADED)
+        self.feedback_limits = ClientLimits.from_settings(self.settings.feedback)
+        if self.feedback_limits is not None:
+            self.instruments.requests_rejected.labels(
+                self.deployment.name, "feedback", FEEDBACK_LIMITED
+            )
 
     def count_request(self, kind: str, status: int) -> None:
         outcome = _outcome(status)
@@ -50,9 +58,9 @@ class Services:
             self._request_counters[(kind, outcome)] = child
         child.inc()
 
-    def count_rejected(self, kind: str, reason: str) -> None:
+    def count_rejected(self, kind: str, reason: str, status: int = 503) -> None:
         self.instruments.requests_rejected.labels(self.deployment.name, kind, reason).inc()
-        self.count_request(kind, 503)
+        self.count_request(kind, status)
 
 
 def _outcome(status: int) -> str:

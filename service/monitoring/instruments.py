@@ -124,7 +124,7 @@ def build_instruments(registry: CollectorRegistry) -> Instruments:
         ),
         requests_rejected=counter(
             "kdguard_requests_rejected",
-            "Inference HTTP requests refused before any work, by API kind and reason.",
+            "HTTP requests refused before any work, by API kind and reason.",
             ("model", "kind", "reason"),
         ),
         predictions=counter(
