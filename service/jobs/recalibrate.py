@@ -1,8 +1,9 @@
 """Recalibration: fit the student's serving temperature on recent data (METRICS.md "Actions").
 
-T minimises the NLL over log T ∈ [ln 0.05, ln 20] on matured labelled predictions, or,
-with too few labels, the cross-entropy to the teacher's probabilities on teacher-observed
-traffic (each row weighted by 1/π so the fit speaks for all traffic). The rows are split
+T minimises the NLL over log T ∈ [ln 0.05, ln 20] on matured labelled predictions (those
+whose labels the label check keeps, `jobs.label_check`), or, with too few labels, the
+cross-entropy to the teacher's probabilities on teacher-observed traffic (each row
+weighted by 1/π so the fit speaks for all traffic). The rows are split
 80/20 at random: fit on 80, judge on 20. The new T is accepted only if the held-out NLL
 improves and the held-out ECE (15 equal-width bins) does not worsen; with the teacher as
 the reference, NLL is the cross-entropy to q and ECE compares confidence with q[ŷs], the
@@ -26,6 +27,7 @@ import numpy as np
 
 from service.errors import UnprocessableError
 from service.jobs.context import JobContext
+from service.jobs.label_check import LabelPolicy, check_labels
 from service.monitoring.metrics import (
     CELLS,
     CalibrationStats,
@@ -35,6 +37,7 @@ from service.monitoring.metrics import (
 from service.persistence.samples import (
     FloatArray,
     IntArray,
+    LabelledSample,
     Maturity,
     Scope,
     matured_labelled,
@@ -148,6 +151,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.report(0.05, "reading matured labelled predictions")
     with ctx.database.connect() as connection:
         labelled = matured_labelled(connection, scope, maturity, limit=options.max_rows)
+        labelled, label_check = _checked(ctx, labelled, manifest.num_classes)
         if len(labelled) >= options.min_labels:
             source = "labels"
             ctx.report(0.4, f"fitting T on {len(labelled)} matured labels")
@@ -159,7 +163,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
             if len(pairs) < options.min_pairs:
                 raise UnprocessableError(
                     f"too few samples to recalibrate {ctx.model} version {manifest.version}: "
-                    f"{len(labelled)} matured labels (need {options.min_labels}) and "
+                    f"{len(labelled)} matured labels (need {options.min_labels}; "
+                    f"{label_check['labels'] - label_check['used']} left out by the label "
+                    f"check) and "
                     f"{len(pairs)} teacher-observed pairs (need {options.min_pairs}) since "
                     f"{scope.start:.0f}"
                 )
@@ -188,6 +194,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "ece_before": judgement.ece_before,
         "ece_after": judgement.ece_after,
         "reason": reason,
+        "label_check": label_check,
         "window": {"start": scope.start, "end": scope.end},
         "matured_windows": labelled.matured_buckets,
         "windows": labelled.buckets,
@@ -204,6 +211,22 @@ def serving_temperature(ctx: JobContext, manifest: Manifest, given: float | None
     if state is not None and state.student_version == manifest.version:
         return state.temperature
     return manifest.temperature
+
+
+def _checked(
+    ctx: JobContext, labelled: LabelledSample, num_classes: int
+) -> tuple[LabelledSample, dict[str, Any]]:
+    """The labelled rows the label check keeps (`jobs.label_check`), and its report."""
+    check = check_labels(
+        labelled.labels,
+        labelled.clients,
+        labelled.teacher_labels,
+        num_classes=num_classes,
+        policy=LabelPolicy.from_settings(ctx.settings.feedback),
+    )
+    if check.report["used"] < check.report["labels"]:
+        ctx.report(0.1, "; ".join(check.report["notes"]))
+    return labelled.take(check.keep), check.report
 
 
 def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[IntArray, IntArray]:

@@ -3,7 +3,9 @@
 1. Transfer set: the logged inputs before `ctx.now`, joined by request id to the teacher
    output recorded with them and to their feedback label (`persistence.transfer`).
 2. Teacher targets (`teacher_targets`): the recorded output where there is one, else
-   the local teacher run on the input; or the teacher run on every row.
+   the local teacher run on the input; or the teacher run on every row. The labels then
+   pass the label check (`jobs.label_check`, judged against the targets' answers); the
+   labels it leaves out are dropped and their rows learn from the teacher alone.
 3. Split by time: the newest `gate_fraction` is the gate set, the `calibration_fraction`
    before it fits the temperature, the rest trains.
 4. Train with the default recipe (KL at T scaled by T², soft targets alone on
@@ -18,7 +20,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ import numpy.typing as npt
 from service.backends.onnx import load_onnx_model
 from service.errors import ModelValidationError
 from service.jobs.context import JobContext
+from service.jobs.label_check import LabelPolicy, check_labels
 from service.jobs.redistill_options import RedistillOptions
 from service.jobs.redistill_start import Logits, starting_point
 from service.jobs.redistill_targets import Targets, teacher_targets
@@ -70,6 +73,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     rows = _read(ctx, incumbent, options)
     ctx.report(0.05, f"teacher targets for {len(rows)} logged inputs")
     targets = teacher_targets(ctx, rows, options)
+    targets, label_check = _check_labels(ctx, targets, incumbent.num_classes)
     _require_rows(len(targets.rows), options, ctx.model, "logged inputs with a teacher output")
     split = time_split(
         len(targets.rows),
@@ -95,6 +99,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "recipe": asdict(_recipe(options)),
         "data_window": _data_window(ctx, options, targets, split),
         "rows": _rows_summary(targets, split),
+        "label_check": label_check,
         "teacher": targets.describe(),
         "incumbent": {"version": incumbent.version, "temperature": serving_t},
         "warm_start": trained.warm_start,
@@ -114,6 +119,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "incumbent_version": incumbent.version,
         "teacher_version": targets.version,
         "rows": run_manifest["rows"],
+        "label_check": label_check,
         "metrics": metrics,
         "parity_max_abs_logit_diff": trained.parity,
         "temperature": temperature,
@@ -138,6 +144,26 @@ def _read(ctx: JobContext, incumbent: Manifest, options: RedistillOptions) -> Tr
         )
     _require_rows(len(rows), options, ctx.model, "logged inputs")
     return rows
+
+
+def _check_labels(
+    ctx: JobContext, targets: Targets, num_classes: int
+) -> tuple[Targets, dict[str, Any]]:
+    """The targets with the labels the label check leaves out taken away (their rows
+    stay, learning the teacher alone), and its report; the teacher's answer is the
+    argmax of its targets."""
+    rows = targets.rows
+    check = check_labels(
+        rows.labels,
+        rows.label_clients,
+        targets.logits.argmax(axis=1),
+        num_classes=num_classes,
+        policy=LabelPolicy.from_settings(ctx.settings.feedback),
+    )
+    if check.report["used"] == check.report["labels"]:
+        return targets, check.report
+    ctx.report(0.1, "; ".join(check.report["notes"]))
+    return replace(targets, rows=rows.without_labels(~check.keep)), check.report
 
 
 def _since(ctx: JobContext, options: RedistillOptions) -> float | None:

@@ -19,7 +19,7 @@ sample and needs the model in the job; the stored probabilities cover every row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -133,9 +133,23 @@ class LabelledSample:
     temperature: FloatArray  # T each row was served at
     buckets: int  # windows of the range that hold rows
     matured_buckets: int
+    clients: list[str]  # who sent each label
+    teacher_labels: IntArray  # the teacher's answer where it was asked, else -1
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, keep: BoolArray) -> LabelledSample:
+        """The rows where `keep` is true, every column alike."""
+        return replace(
+            self,
+            logits=self.logits[keep],
+            labels=self.labels[keep],
+            confidence=self.confidence[keep],
+            temperature=self.temperature[keep],
+            clients=[c for c, k in zip(self.clients, keep, strict=True) if k],
+            teacher_labels=self.teacher_labels[keep],
+        )
 
 
 @dataclass(frozen=True)
@@ -186,7 +200,15 @@ def matured_labelled(
     rows: list[Any] = []
     if matured:
         query = (
-            select(P.confidence, P.student_label, scope.row_temperature(), P.student_probs, F.label)
+            select(
+                P.confidence,
+                P.student_label,
+                scope.row_temperature(),
+                P.student_probs,
+                F.label,
+                F.client,
+                P.teacher_label,
+            )
             .join(F, scope.label_join())
             .where(*scope.where(), _bucket(connection, maturity.bucket_s).in_(matured))
             .order_by(P.created_at.desc(), P.request_id)
@@ -206,6 +228,8 @@ def matured_labelled(
         temperature=temperature,
         buckets=total,
         matured_buckets=len(matured),
+        clients=[r[5] for r in rows],
+        teacher_labels=np.array([-1 if r[6] is None else r[6] for r in rows], dtype=np.int64),
     )
 
 

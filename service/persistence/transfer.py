@@ -9,7 +9,7 @@ every run over the same data.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,8 @@ class TransferRows:
     """n logged inputs, oldest first; row i of every array describes `request_ids[i]`.
 
     `teacher_probs[i]` is NaN where no teacher output was recorded, `labels[i]` is -1
-    where no label arrived, `inclusion_probability[i]` NaN where the prediction row is gone.
+    where no label arrived (`label_clients[i]`, who sent it, None then too),
+    `inclusion_probability[i]` NaN where the prediction row is gone.
     `discarded` counts what was left out and why: inputs of another width or not finite
     (the row is dropped), teacher outputs of another class count, labels out of range
     (the row stays, without them).
@@ -40,6 +41,7 @@ class TransferRows:
     teacher_versions: list[str | None]
     inclusion_probability: FloatArray
     labels: npt.NDArray[np.int64]
+    label_clients: list[str | None]
     discarded: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -54,6 +56,7 @@ class TransferRows:
         """The rows at `index`, every column alike."""
         ids = np.asarray(self.request_ids, dtype=object)[index]
         versions = np.asarray(self.teacher_versions, dtype=object)[index]
+        clients = np.asarray(self.label_clients, dtype=object)[index]
         return TransferRows(
             request_ids=[str(r) for r in ids],
             created_at=self.created_at[index],
@@ -62,8 +65,15 @@ class TransferRows:
             teacher_versions=[None if v is None else str(v) for v in versions],
             inclusion_probability=self.inclusion_probability[index],
             labels=self.labels[index],
+            label_clients=[None if c is None else str(c) for c in clients],
             discarded=dict(self.discarded),
         )
+
+    def without_labels(self, drop: npt.NDArray[np.bool_]) -> TransferRows:
+        """These rows with the labels at `drop` taken away (the rows stay, unlabelled)."""
+        labels = np.where(drop, UNLABELLED, self.labels)
+        clients = [None if d else c for c, d in zip(self.label_clients, drop, strict=True)]
+        return replace(self, labels=labels, label_clients=clients)
 
 
 def read_transfer_rows(
@@ -97,6 +107,7 @@ def read_transfer_rows(
             p.teacher_version,
             p.inclusion_probability,
             f.label,
+            f.client,
         )
         .outerjoin(p, p.request_id == i.request_id)
         .outerjoin(f, and_(f.request_id == i.request_id, f.received_at < before))
@@ -111,7 +122,7 @@ def read_transfer_rows(
 
 def _decode(rows: Sequence[Any], features: int, classes: int) -> TransferRows:
     """Rows of (request_id, created_at, features, teacher_probs, teacher_version,
-    inclusion_probability, label) → arrays."""
+    inclusion_probability, label, client) → arrays."""
     width = features * 4
     discarded = {"input_shape": 0, "input_not_finite": 0, "teacher_shape": 0, "label_range": 0}
     sized = [r for r in rows if r.features is not None and len(r.features) == width]
@@ -147,5 +158,6 @@ def _decode(rows: Sequence[Any], features: int, classes: int) -> TransferRows:
             dtype=np.float64,
         ),
         labels=labels,
+        label_clients=[r.client if labels[i] != UNLABELLED else None for i, r in enumerate(kept)],
         discarded={k: v for k, v in discarded.items() if v},
     )

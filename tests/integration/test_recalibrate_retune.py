@@ -293,6 +293,32 @@ def test_too_few_labels_fits_to_the_teacher_on_observed_traffic(
     assert result["ece_after"] < result["ece_before"]
 
 
+def test_labels_from_a_client_that_contradicts_the_teacher_are_left_out(
+    database: Engine, tmp_path: Path
+) -> None:
+    t_cal = calibrated_temperature()
+    sim = simulate(3000, seed=10)
+    store(database, sim, temperature=1.0, seed=11)
+    label(database, sim, np.arange(0, 3000, 2), at=NOW - 60.0)  # honest labels on half
+    wrong = (sim.u.argmax(axis=1) + 1) % K  # never the teacher's answer
+    with sessionmaker(database).begin() as session:
+        given = [Label(f"r{i}", int(wrong[i])) for i in range(1, 3000, 2)]
+        record_labels(session, labels=given, num_classes=K, client="mallory", now=NOW - 60.0)
+    ctx, reports = context(database, make_registry(tmp_path / "registry", 1.0), "recalibrate")
+
+    result = recalibrate.run(ctx)
+
+    check = result["label_check"]
+    assert check["clients"] == 2 and check["largest_client_share"] == pytest.approx(0.5, abs=0.02)
+    assert check["left_out"]["teacher_disagreement"] == check["labels"] - check["used"] > 600
+    assert "'mallory'" in check["notes"][0] and "100%" in check["notes"][0]
+    assert any("mallory" in message for _, message in reports)
+    # The honest half alone finds the same T as all labels would.
+    assert result["source"] == "labels" and result["accepted"] is True
+    assert result["n_fit"] + result["n_holdout"] == check["used"]
+    assert result["temperature"] == pytest.approx(t_cal, rel=0.1)
+
+
 def test_no_data_is_a_failure_that_says_why(database: Engine, tmp_path: Path) -> None:
     store(database, simulate(50, seed=40), temperature=1.0, seed=41)
     ctx, _ = context(database, make_registry(tmp_path / "registry", 1.0), "recalibrate")

@@ -217,6 +217,7 @@ def test_the_transfer_set_is_joined_by_request_id(
     assert np.array_equal(rows.recorded, traffic.observed[index])
     recorded = rows.teacher_probs[rows.recorded]
     assert np.allclose(recorded, traffic.teacher_probs[index][rows.recorded], atol=1e-3)
+    assert rows.label_clients == ["test" if y >= 0 else None for y in expected_labels]
     assert rows.discarded == {}
 
 
@@ -325,6 +326,43 @@ def test_redistilling_on_noisy_traffic_follows_the_teacher_there(
     )
     assert only_candidate > only_incumbent
     assert mcnemar_exact(only_candidate, only_incumbent) < 0.05
+
+
+def test_labels_from_a_client_that_contradicts_the_teacher_are_left_out(
+    database: Engine, registry: ModelRegistry
+) -> None:
+    x, y = logged_digits()
+    traffic = log_traffic(database, registry, x, y, label_share=0.3)
+    poisoned = np.flatnonzero(~traffic.labelled)[::2]  # half the unlabelled rows
+    wrong = (traffic.teacher_probs.argmax(axis=1) + 1) % 10  # never the teacher's answer
+    with database.begin() as connection:
+        connection.execute(
+            insert(Feedback),
+            [
+                {
+                    "request_id": traffic.ids[i], "model": MODEL, "label": int(wrong[i]),
+                    "received_at": float(traffic.created_at[i]) + 60.0, "client": "mallory",
+                    "student_correct": False, "teacher_correct": False, "nll": 5.0, "brier": 1.0,
+                }
+                for i in poisoned
+            ],
+        )  # fmt: skip
+    ctx, reports = context(database, registry, epochs=2)
+
+    result = run(ctx)
+
+    check = result["label_check"]
+    honest = int(traffic.labelled.sum())
+    assert (check["labels"], check["used"], check["clients"]) == (honest + len(poisoned), honest, 2)
+    assert check["left_out"] == {"teacher_disagreement": len(poisoned), "client_share": 0}
+    assert check["notes"] and "'mallory'" in check["notes"][0]
+    assert check["teacher_disagreement"] > 0.5  # mostly mallory; honest labels rarely disagree
+    assert any("mallory" in message for _, message in reports)
+    # Mallory's rows still train, as unlabelled rows: every logged input is used.
+    assert sum(result["rows"]["labelled"].values()) == honest
+    assert result["rows"]["total"] == len(y)
+    candidate = registry.manifest(MODEL, result["candidate_version"])
+    assert candidate.metadata["run"]["label_check"] == check
 
 
 def test_too_few_logged_inputs_fail_with_a_clear_message(
