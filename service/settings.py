@@ -497,9 +497,9 @@ class FeedbackSettings(BaseModel):
         le=1,
         description=(
             "Largest share of a retraining job's labels one client may supply; a client "
-            "past it has its labels thinned evenly to that share (the rest train as "
-            "unlabelled rows). With one client every label is its own, so below 1 this "
-            "needs several labelling clients. 1 turns the check off."
+            "past it keeps an evenly spaced part of its labels, as many as the share allows "
+            "(the rest count as unlabelled). With one client every label is its own, so "
+            "below 1 this needs several labelling clients. 1 turns the check off."
         ),
     )
     max_teacher_disagreement: float = Field(
