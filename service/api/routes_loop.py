@@ -173,12 +173,12 @@ async def run_gate(rollout_id: RowId, services: ServicesDep, _: AdminKey) -> dic
     return verdict.as_json()
 
 
-def _move(name: str, summary: str) -> None:
+def _move(name: str, summary: str, *errors: int) -> None:
     @router.post(
         f"/rollouts/{{rollout_id}}/{name}",
         summary=summary,
         name=f"rollout_{name}",
-        responses=error_responses(404, 409),
+        responses=error_responses(404, 409, *errors),
     )
     async def move(rollout_id: RowId, services: ServicesDep, key: AdminKey) -> RolloutPublic:
         controller = _controller(services)
@@ -188,7 +188,12 @@ def _move(name: str, summary: str) -> None:
 
 
 _move("advance", "Move a rollout from shadow to A/B")
-_move("promote", "Promote the candidate: it serves all traffic (exactly one caller wins)")
+_move(
+    "promote",
+    "Promote the candidate: it serves all traffic (exactly one caller wins; a candidate that "
+    "no longer passes validation is refused with 422)",
+    422,
+)
 _move("rollback", "Roll back: the candidate leaves traffic")
 
 

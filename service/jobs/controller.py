@@ -378,8 +378,15 @@ class Controller:
     async def promote(
         self, rollout_id: int, *, actor: str, statistics: dict[str, Any] | None = None
     ) -> loop.RolloutRow:
-        """The candidate becomes the serving student, everywhere; exactly one caller wins."""
+        """The candidate becomes the serving student, everywhere; exactly one caller wins.
+
+        The candidate is validated again first: its files may have changed on disk since
+        its rollout loaded it, and a promotion no worker could serve must not be stored.
+        """
         registry = self._deployment.registry
+        current = await self._db_call(lambda c: loop.get_rollout(c, rollout_id))
+        if current.open:  # a closed one is refused below, as a conflict
+            await self._deployment.load_candidate(current.candidate_version)
 
         def work(connection: Connection) -> loop.RolloutRow:
             return promote_rollout(connection, registry, rollout_id, actor=actor,
