@@ -46,7 +46,7 @@ def free_port() -> int:
 @contextmanager
 def process(
     cmd: list[str], *, env: dict[str, str], ready_url: str, cwd: Path | None = None
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -64,7 +64,7 @@ def process(
                 time.sleep(0.2)
         else:
             raise RuntimeError(f"{cmd} did not become ready")
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -89,7 +89,9 @@ def wrk(url: str, body: Mapping[str, object], seconds: int, workdir: Path) -> di
     p99 = _latency(re.search(r"99%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
     p50 = _latency(re.search(r"50%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = re.search(r"(\d+) requests in", out)
     return {
+        "requests": float(requests.group(1)) if requests else rps * seconds,
         "rps": rps,
         "p50_ms": p50,
         "p99_ms": p99,
