@@ -37,6 +37,7 @@ class Sample:
     degraded: bool | None = None
     confidence: float | None = None
     error: str | None = None
+    request_id: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -54,7 +55,10 @@ async def predict(http: httpx.AsyncClient, *, low: bool, cls: int = 0) -> Sample
     if response.status_code != 200:
         return Sample(sent, received, low, response.status_code, error=response.text)
     (p,) = response.json()["predictions"]
-    return Sample(sent, received, low, 200, p["served_by"], p["degraded"], p["confidence"])
+    return Sample(
+        sent, received, low, 200, p["served_by"], p["degraded"], p["confidence"],
+        request_id=p["request_id"],
+    )  # fmt: skip
 
 
 class Traffic:
