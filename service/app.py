@@ -12,7 +12,7 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -100,7 +100,7 @@ def create_app(
             feedback=FeedbackStore(
                 sessions,
                 num_classes=lambda: deployment.engine.student.manifest.num_classes,
-                flush_writer=writer.flush if writer is not None else None,
+                flush_writer=None if writer is None else _settle(settings, deployment, writer),
             ),
         )
         services.controller = Controller(
@@ -196,6 +196,19 @@ def _monitor(
         registry=deployment.registry,
         instruments=instruments,
     )
+
+
+def _settle(
+    settings: Settings, deployment: Deployment, writer: PredictionWriter
+) -> Callable[[float], bool]:
+    """For feedback naming an unknown id: wait for the shadow calls pending now to record
+    their rows, then for the writer to store everything queued. True when both finished."""
+
+    def settle(timeout: float) -> bool:
+        shadows = deployment.engine.wait_for_shadows(settings.teacher.shadow_timeout_s + 0.5)
+        return writer.flush(timeout) and shadows
+
+    return settle
 
 
 async def _build_deployment(

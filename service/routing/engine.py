@@ -8,6 +8,7 @@ Shadow work is queued and never awaited here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ class _Fallback:
 
 
 _NO_FALLBACK = _Fallback()
+_SHADOW_POLL_S = 0.005
 
 
 class InferenceEngine:
@@ -85,6 +87,9 @@ class InferenceEngine:
         self._meter = Meter(instruments, model_name)
         self._student = student
         self._rollout: RolloutPlan | None = None
+        # Shadow calls whose rows are not recorded yet (they are, when the call ends).
+        self._shadows_pending: set[int] = set()
+        self._shadow_tokens = itertools.count()
         self._meter.loaded(student, kind="student")
         if dispatcher is not None:
             self._meter.loaded_teacher(dispatcher.backend.version)
@@ -229,13 +234,32 @@ class InferenceEngine:
     def _submit_shadow(self, x: Array, rows: _Rows, shadow: BoolArray) -> None:
         assert self.dispatcher is not None
         self._meter.shadow_sampled(len(x))
+        token = next(self._shadow_tokens)
+        self._shadows_pending.add(token)
 
         def on_done(teacher_probs: Array | None, reason: str | None, seconds: float) -> None:
             if teacher_probs is not None:
                 self._meter.shadow_seconds(seconds)
             self._recorder.record(rows.shadowed(shadow, teacher_probs, reason, seconds))
+            self._shadows_pending.discard(token)
 
         self.dispatcher.shadow(x, on_done)
+
+    def wait_for_shadows(self, timeout: float) -> bool:
+        """Wait until every shadow call pending now has handed its rows to the recorder
+        (True), or `timeout` passes (False). Blocks: call it from a worker thread.
+
+        Rows sampled for shadow are recorded when their teacher call ends, at most
+        `teacher.shadow_timeout_s` after the answer went out, so a label that comes back
+        quickly can name a prediction that is not even queued for the database yet.
+        """
+        pending = set(self._shadows_pending)  # one C-level copy: atomic under the GIL
+        deadline = time.monotonic() + timeout
+        while pending & self._shadows_pending:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_SHADOW_POLL_S)
+        return True
 
     def teacher_version(self) -> str | None:
         return None if self.dispatcher is None else self.dispatcher.backend.version
