@@ -108,12 +108,18 @@ def remember(session: Session, *, key: str, body_sha256: str, response: dict[str
     )
 
 
+_FLUSH_WAIT_S = 2.0  # how long a label for a not-yet-stored prediction waits for the writer
+
+
 class FeedbackStore:
     """Runs one feedback request as one transaction; acknowledges only after commit.
 
     A label may arrive before the writer has flushed its prediction (a fast client): an
-    unknown id triggers one flush of the writer and a second look before it is a 404.
-    A database that cannot be reached is a 503, never a false acknowledgement.
+    unknown id triggers one flush of the writer and a second look before it is a 404. If
+    that flush did not finish in time (the database is down or locked, so the id may
+    still be queued), a second miss is a 503, not a 404 that would tell the client to
+    drop a valid label. A database that cannot be reached is a 503, never a false
+    acknowledgement.
     """
 
     def __init__(
@@ -133,9 +139,19 @@ class FeedbackStore:
         try:
             return self._submit(labels, client, idempotency_key, body)
         except NotFoundError:
-            if self._flush_writer is None or not self._flush_writer(2.0):
+            if self._flush_writer is None:
                 raise
+            flushed = self._flush_writer(_FLUSH_WAIT_S)
+        try:
             return self._submit(labels, client, idempotency_key, body)
+        except NotFoundError as exc:
+            if flushed:
+                raise
+            raise UnavailableError(
+                "prediction records are still waiting for the database; the feedback was"
+                " not recorded",
+                headers={"Retry-After": "5"},
+            ) from exc
 
     def _submit(
         self, labels: list[Label], client: str, key: str | None, body: bytes

@@ -206,6 +206,9 @@ class PredictionWriter:
     def _put_back(self, taken: list[PredictionBatch]) -> None:
         with self._lock:
             self._queue.extendleft(reversed(taken))
+            # Set here too, not only after a write: while the database is down this is
+            # the only place the gauge can show the queue filling up towards its bound.
+            self._queue_gauge.set(self._queued_rows)
 
     def _write(self, batches: list[PredictionBatch]) -> bool:
         started = time.perf_counter()

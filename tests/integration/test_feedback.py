@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, select
 
+from service.errors import KdguardError
+from service.persistence.database import session_factory
+from service.persistence.feedback import FeedbackStore, Label
 from service.persistence.tables import Feedback, Prediction
 from service.settings import Settings
 from tests.conftest import make_settings, running_app
@@ -112,3 +115,26 @@ async def test_bad_feedback_gets_a_clear_4xx(
     )
     assert response.status_code == status
     assert response.json()["error"]
+
+
+@pytest.mark.parametrize(("flushed", "status"), [(True, 404), (False, 503)])
+def test_an_id_is_unknown_only_once_the_writer_has_flushed(
+    database: Engine, flushed: bool, status: int
+) -> None:
+    """A writer that cannot flush in time (database down or locked) may still hold the
+    prediction: a 503 to retry, not a 404 that tells the client to drop a valid label."""
+    waits: list[float] = []
+
+    def flush_writer(timeout: float) -> bool:
+        waits.append(timeout)
+        return flushed
+
+    store = FeedbackStore(
+        session_factory(database), num_classes=lambda: 3, flush_writer=flush_writer
+    )
+    with pytest.raises(KdguardError) as caught:
+        store.submit([Label("not-stored-yet", 1)], client="c", idempotency_key=None, body=b"{}")
+    assert caught.value.status_code == status and len(waits) == 1
+    assert ("Retry-After" in caught.value.headers) is (status == 503)
+    with database.connect() as connection:
+        assert connection.execute(select(Feedback)).all() == []

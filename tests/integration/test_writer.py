@@ -164,6 +164,8 @@ def test_a_database_outage_buffers_then_drops_and_recovers_by_itself(
             h.writer.record(batch(3))
         # 30 rows offered while down, the queue holds 20: six batches of 3 fit, four do not.
         assert h.sample("kdguard_records_dropped_total", reason="database_down") == 12
+        # The gauge shows the queue filling while nothing can be written (a failed retry).
+        wait_for(lambda: h.sample("kdguard_writer_queue_rows") == 18)
     wait_for(lambda: h.count() == 1 + 18 and h.sample("kdguard_database_up") == 1)
     h.writer.close(5.0)
     engine.dispose()
