@@ -257,6 +257,16 @@ class RecordingSettings(BaseModel):
             " GIL (an in-memory SQLite database is always written in-process)."
         ),
     )
+    writer_niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "How much the writer process yields the CPU to the serving process (nice"
+            " value, and the batch scheduling class): a flush is a burst of CPU work that"
+            " can wait, an answer cannot. 0 schedules it like the server."
+        ),
+    )
     retry_backoff_s: float = Field(
         0.5, gt=0, description="First wait before retrying a failed write (doubles)."
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -290,3 +292,21 @@ async def test_started_on_an_event_loop_the_loop_gathers_and_a_blocked_loop_cann
     assert h.writer.flush(30.0)  # blocks the loop itself: the thread gathers after a wait
     assert h.count() == 7 and time.monotonic() - started < 15.0
     await asyncio.to_thread(h.writer.close, 5.0)
+
+
+@pytest.mark.parametrize("niceness", [0, 7])
+def test_the_writer_process_yields_the_cpu_to_the_server(database: Engine, niceness: int) -> None:
+    h = Harness(database, True, writer_niceness=niceness)
+    h.start()
+    child: Any = h.writer._sink._child  # type: ignore[attr-defined]
+    try:
+        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # Field 19 of stat is the nice value; `os.sched_getscheduler` reads the class.
+        assert int(fields[16]) - os.getpriority(os.PRIO_PROCESS, 0) == niceness
+        batch_class = os.sched_getscheduler(child.pid) == os.SCHED_BATCH
+        assert batch_class == (niceness > 0)
+        h.writer.record(batch(3))
+        assert h.writer.flush(30.0)
+        assert h.count() == 3
+    finally:
+        h.writer.close(5.0)
