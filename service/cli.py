@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from pydantic import SecretStr
@@ -125,8 +127,21 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from service.app import create_app
 
     sys.setswitchinterval(settings.server.gil_switch_interval_s)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(create_app(settings), **options)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM ends `kdguard serve` with status 0.
+
+    uvicorn handles SIGTERM itself (stop accepting, finish in-flight requests, run the
+    lifespan shutdown that flushes the writer), then restores the handler it found and
+    raises the signal again. Under the default handler the process would die of it after
+    that clean stop (status 143, -15 to Python), which supervisors report as a failure.
+    A SIGTERM that comes before uvicorn has installed its handler ends start-up here.
+    """
+    raise SystemExit(0)
 
 
 def _serve_workers(args: argparse.Namespace, settings: Settings, options: dict[str, Any]) -> int:
