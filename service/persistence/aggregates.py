@@ -9,9 +9,9 @@ GROUP BY queries that return a few thousand numbers; no prediction row reaches P
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Connection, case, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -183,34 +183,34 @@ def _gap(connection: Connection, model: str, start: float, end: float) -> GapSta
 
 
 def _calibration(connection: Connection, model: str, start: float, end: float) -> CalibrationStats:
+    """Per-cell and per-fine-bin sums from one query (one snapshot: the two must count the
+    same rows, and a label committed between two queries would break that)."""
     correct = _flag(Feedback.student_correct.is_(True))
-
-    def per_bin(column: Any, size: int) -> tuple[np.ndarray, ...]:
-        counts, sum_a, sum_c = np.zeros(size, np.int64), np.zeros(size), np.zeros(size)
-        nll = brier = 0.0
-        query = (
-            select(
-                column,
-                func.count(),
-                func.sum(correct),
-                func.sum(P.confidence),
-                func.sum(Feedback.nll),
-                func.sum(Feedback.brier),
-            )
-            .join(Feedback, Feedback.request_id == P.request_id)
-            .where(*_in_window(model, start, end))
-            .group_by(column)
+    query = (
+        select(
+            P.conf_bin,
+            P.conf_fine,
+            func.count(),
+            func.sum(correct),
+            func.sum(P.confidence),
+            func.sum(Feedback.nll),
+            func.sum(Feedback.brier),
         )
-        for cell, count, a, c, cell_nll, cell_brier in connection.execute(query):
-            counts[int(cell)], sum_a[int(cell)], sum_c[int(cell)] = int(count), float(a), float(c)
-            nll += float(cell_nll)
-            brier += float(cell_brier)
-        return counts, sum_a, sum_c, np.array([nll, brier])
+        .join(Feedback, Feedback.request_id == P.request_id)
+        .where(*_in_window(model, start, end))
+        .group_by(P.conf_bin, P.conf_fine)
+    )
+    rows = connection.execute(query).all()
+    sums = np.array([r[2:] for r in rows], np.float64).reshape(-1, 5)
+    cells = np.array([r[0] for r in rows], np.intp)
+    fine = np.array([r[1] for r in rows], np.intp)
 
-    counts, sum_a, sum_c, totals = per_bin(P.conf_bin, CELLS)
-    fine_counts, fine_a, fine_c, _ = per_bin(P.conf_fine, FINE_BINS)
+    def per(index: npt.NDArray[np.intp], size: int, column: int) -> npt.NDArray[np.float64]:
+        return np.bincount(index, sums[:, column], minlength=size).astype(np.float64)
+
     return CalibrationStats(
-        counts=counts, sum_correct=sum_a, sum_conf=sum_c, fine_counts=fine_counts,
-        fine_sum_correct=fine_a, fine_sum_conf=fine_c, sum_nll=float(totals[0]),
-        sum_brier=float(totals[1]),
+        counts=per(cells, CELLS, 0).round().astype(np.int64), sum_correct=per(cells, CELLS, 1),
+        sum_conf=per(cells, CELLS, 2), fine_counts=per(fine, FINE_BINS, 0).round().astype(np.int64),
+        fine_sum_correct=per(fine, FINE_BINS, 1), fine_sum_conf=per(fine, FINE_BINS, 2),
+        sum_nll=float(sums[:, 3].sum()), sum_brier=float(sums[:, 4].sum()),
     )  # fmt: skip

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import sessionmaker
 
 from service.monitoring.instruments import build_instruments
@@ -122,3 +122,22 @@ def test_an_empty_window_is_all_zeros(database: Engine, empty_model: str) -> Non
         stats = window_stats(connection, model=empty_model, start=0.0, end=time.time())
     assert stats.rows == 0 and stats.labelled == 0 and stats.flip.n == 0 and stats.gap.n == 0
     assert stats.label_completeness == 0.0
+
+
+def test_the_calibration_cells_and_fine_bins_come_from_one_statement(database: Engine) -> None:
+    """Two statements would see two snapshots: a label committed between them made the
+    cells and the fine bins count different rows, and the monitor pass failed."""
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    event.listen(database, "before_cursor_execute", seen)
+    try:
+        with database.connect() as connection:
+            window_stats(connection, model="tiny", start=0.0, end=time.time())
+    finally:
+        event.remove(database, "before_cursor_execute", seen)
+    calibration = [s for s in statements if "feedback.nll" in s]  # NLL: calibration only
+    assert len(calibration) == 1, calibration
+    assert "GROUP BY predictions.conf_bin, predictions.conf_fine" in calibration[0]
