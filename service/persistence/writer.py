@@ -497,16 +497,31 @@ def _sqlite_insert_or_ignore(connection: Connection, table: str, rows: Rows) -> 
     ~3,000 rows/s with executemany, the queue growing until it dropped).
     """
     width = len(rows.names)
-    per_statement = max(1, _SQLITE_MAX_VARIABLES // width)
     columns = ", ".join(rows.names)
     one_row = "(" + ", ".join("?" * width) + ")"
     values = rows.flat()
-    for start in range(0, len(rows), per_statement):
-        count = min(per_statement, len(rows) - start)
+    start = 0
+    for count in _chunks(len(rows), max(1, _SQLITE_MAX_VARIABLES // width)):
         placeholders = ", ".join([one_row] * count)
         statement = f"INSERT OR IGNORE INTO {table} ({columns}) VALUES {placeholders}"  # noqa: S608
         chunk = values[start * width : (start + count) * width]
         connection.exec_driver_sql(statement, tuple(chunk))
+        start += count
+
+
+def _chunks(rows: int, most: int) -> list[int]:
+    """Statement sizes for `rows` rows: full ones of `most` rows, then the rest in powers
+    of two, largest first.
+
+    The sqlite3 module keeps the last 128 distinct statements prepared, and one of a few
+    hundred rows is a large program: a new size every flush grew the writer's memory by
+    megabytes a minute until the cache was full of them. Powers of two keep it to a
+    dozen statements, each prepared once and then reused.
+    """
+    sizes = [most] * (rows // most)
+    rest = rows % most
+    sizes += [1 << bit for bit in range(rest.bit_length() - 1, -1, -1) if rest >> bit & 1]
+    return sizes
 
 
 _SQLITE_MAX_VARIABLES = 32_766  # SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32

@@ -20,7 +20,7 @@ from service.monitoring.records import PredictionBatch, TeacherOutcome
 from service.persistence.database import is_postgres, make_engine
 from service.persistence.rows import decode_probs
 from service.persistence.tables import Prediction, PredictionInput
-from service.persistence.writer import PredictionWriter
+from service.persistence.writer import PredictionWriter, _chunks
 from service.settings import RecordingSettings
 
 _counter = iter(range(10**9))
@@ -310,3 +310,15 @@ def test_the_writer_process_yields_the_cpu_to_the_server(database: Engine, nicen
         assert h.count() == 3
     finally:
         h.writer.close(5.0)
+
+
+def test_sqlite_statements_come_in_a_few_sizes() -> None:
+    """Every flush size maps onto the same dozen statement sizes (prepared once each)."""
+    most = 1000
+    seen: set[int] = set()
+    for rows in range(0, 20_000, 7):
+        sizes = _chunks(rows, most)
+        assert sum(sizes) == rows and all(0 < s <= most for s in sizes)
+        assert sizes == sorted(sizes, reverse=True)
+        seen.update(sizes)
+    assert seen == {most} | {1 << b for b in range(10)}  # 1000 and 1, 2, 4, ..., 512
