@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 
 import httpx
 import numpy as np
@@ -13,6 +14,7 @@ from service.settings import Settings
 from tests.conftest import ADMIN_KEY, PREDICT_KEY, make_settings, running_app
 from tests.support.fakes import FakeTeacher
 from tests.support.models import diagonal_weights, instance, linear_onnx, register_linear
+from tests.unit.test_registry import TRAVERSAL_NAMES
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -166,3 +168,31 @@ async def test_hot_swap_under_concurrent_traffic_has_zero_non_2xx(
     assert len(statuses) > 50
     assert set(statuses) == {200}
     assert versions == {"1", "2", "3", "4"}
+
+
+# An empty segment is another route ("/v1/admin/models/" redirects to the list).
+@pytest.mark.parametrize("name", [n for n in TRAVERSAL_NAMES if n])
+async def test_path_like_names_in_urls_are_refused_and_nothing_changes(
+    client: httpx.AsyncClient, name: str
+) -> None:
+    """Every route that names a model or version, with each traversal name, encoded so
+    that it reaches the server as one segment (dots too: a client would resolve "..")."""
+    quoted = urllib.parse.quote(name, safe="").replace(".", "%2E")
+    before = (await client.get("/v1/admin/models/tiny", headers=ADMIN)).json()
+    calls = [
+        ("GET", f"/v1/admin/models/{quoted}"),
+        ("POST", f"/v1/admin/models/tiny/versions/{quoted}/activate"),
+        ("POST", f"/v1/admin/models/{quoted}/versions/1/activate"),
+        ("GET", f"/v2/models/{quoted}"),
+        ("GET", f"/v2/models/tiny/versions/{quoted}"),
+        ("GET", f"/v2/models/tiny/versions/{quoted}/ready"),
+        ("POST", f"/v2/models/{quoted}/infer"),
+    ]
+    for method, path in calls:
+        response = await client.request(method, path, json={}, headers=ADMIN)
+        assert 400 <= response.status_code < 500, (method, path, response.status_code)
+        if response.status_code != 404 or response.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            assert "error" in response.json(), (method, path, response.text)
+    assert (await client.get("/v1/admin/models/tiny", headers=ADMIN)).json() == before
