@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -116,7 +117,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         "http": "httptools",
         "access_log": False,
         "log_level": settings.log_level.lower(),
-        "timeout_graceful_shutdown": int(settings.server.shutdown_grace_s) or None,
+        # Whole seconds, rounded up: a fraction truncated to 0 would read as "no limit".
+        "timeout_graceful_shutdown": math.ceil(settings.server.shutdown_grace_s),
     }
     if settings.server.workers > 1:
         return _serve_workers(args, settings, options)

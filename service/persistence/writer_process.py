@@ -48,7 +48,13 @@ def main() -> int:
                 return 0
             if not (isinstance(rows, list) and all(isinstance(r, Gathered) for r in rows)):
                 raise TypeError(f"expected a list of Gathered rows, got {type(rows).__name__}")
-            send(answers, inserter.write(rows))
+            outcome = inserter.write(rows)
+            try:
+                send(answers, outcome)
+            except BrokenPipeError:  # the server died; what it sent is written: done
+                with contextlib.suppress(OSError):  # the unsent answer cannot go anywhere
+                    answers.close()
+                return 0
     finally:
         engine.dispose()
 
