@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-traffic test lint bench clean
+.PHONY: demo demo-traffic test lint audit bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ lint: $(STAMP)  ## ruff, mypy --strict and bandit
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive service
+
+audit: $(STAMP)  ## pip-audit of the installed packages (needs the PyPI JSON API or OSV: not in CI)
+	$(BIN)/pip install --quiet pip-audit
+	$(BIN)/pip-audit --skip-editable
+
+soak: $(STAMP)  ## minutes of steady traffic; memory must stay flat (KDGUARD_SOAK_SECONDS, default 300)
+	$(BIN)/python -m pytest -m soak -s tests/soak
 
 bench: $(STAMP)  ## side-by-side serving benchmark against ../shared/bench/naive_peer.py
 	$(BIN)/python bench/serving.py
