@@ -1,9 +1,11 @@
 """Does recording cost the request path? The same build, recording on vs off, side by side.
 
-Two kdguard processes on the same demo student and database (a scratch PostgreSQL
-database by default), one with `recording.enabled=false`; `wrk -t1 -c16` alternates
+Two kdguard processes on the same demo student, each with a scratch database of its own
+(PostgreSQL by default), one with `recording.enabled=false`; `wrk -t1 -c16` alternates
 between them, in an order shuffled per round; the report is the ratio of median
-throughputs (goal: >= 0.95), and the median of the per-round ratios.
+throughputs (goal: >= 0.95), and the median of the per-round ratios. Separate databases:
+on a shared one, the idle server's monitor would evaluate the other's predictions.
+`--monitoring off` turns the monitor off in both, leaving the writer's cost alone.
 
 Throughput on a shared 2-core host moves with whatever else runs, so each run also reads
 the CPU time it cost, per request, in each process that does work for it: the serving
@@ -12,6 +14,7 @@ database backends connected to the scratch database. CPU time per request is far
 than requests per second, and it says where recording's cost goes.
 
 Usage: python bench/recording.py [--pairs 3] [--seconds 10] [--database postgresql|sqlite]
+                                 [--monitoring on|off]
 """
 
 from __future__ import annotations
@@ -100,18 +103,22 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--monitoring", choices=["on", "off"], default="on")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kdguard-bench-"))
     _, digit = build_models(work)
     admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
     name: str | None = None
-    urls = {mode: f"sqlite:///{work / 'kdguard.db'}" for mode in ("on", "off")}
+    urls = {mode: f"sqlite:///{work / f'kdguard-{mode}.db'}" for mode in ("on", "off")}
     if args.database == "postgresql":
         name = f"kdguard_bench_{uuid.uuid4().hex[:8]}"
         with admin.connect() as c:
-            c.execute(text(f"CREATE DATABASE {name}"))
+            for mode in urls:
+                c.execute(text(f"CREATE DATABASE {name}{mode}"))
         for mode in urls:
-            scratch = make_url(POSTGRES).set(database=name, query={"application_name": name + mode})
+            scratch = make_url(POSTGRES).set(
+                database=name + mode, query={"application_name": name + mode}
+            )
             urls[mode] = scratch.render_as_string(hide_password=False)
     runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
     ratios: list[float] = []
@@ -127,6 +134,7 @@ def main() -> int:
                 "KDGUARD_CONFIG": str(config),
                 "KDGUARD_DATABASE__URL": urls[mode],
                 "KDGUARD_RECORDING__ENABLED": "true" if mode == "on" else "false",
+                "KDGUARD_MONITORING__ENABLED": "true" if args.monitoring == "on" else "false",
             }
             commands[mode] = [sys.executable, "-m", "service.cli", "serve"]
         ready = {m: f"http://127.0.0.1:{p}/v2/health/ready" for m, p in ports.items()}
@@ -164,7 +172,8 @@ def main() -> int:
     finally:
         if name is not None:
             with admin.connect() as c:
-                c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                for mode in urls:
+                    c.execute(text(f"DROP DATABASE IF EXISTS {name}{mode} WITH (FORCE)"))
 
     def median(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[mode])
@@ -176,6 +185,7 @@ def main() -> int:
         json.dumps(
             {
                 "database": args.database,
+                "monitoring": args.monitoring,
                 "median_rps": {m: median(m, "rps") for m in runs},
                 "median_p99_ms": {m: median(m, "p99_ms") for m in runs},
                 "throughput_on_vs_off": median("on", "rps") / median("off", "rps"),
