@@ -25,38 +25,13 @@ from sqlalchemy.engine import make_url
 
 from service.persistence.database import make_engine
 from service.persistence.tables import Feedback, Prediction
-from tests.support.models import instance
-from tests.support.traffic import CONFIDENT, LOW, Metrics, sample_value
+from tests.support.traffic import Metrics, Sample, predict, sample_value
 
 NOT_STORED = {404, 409, 429, 503}  # feedback answers that promise nothing was stored
 WRITER_CHILD = b"service.persistence.writer_process"
 
 
 # -- clients -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Answer:
-    sent: float
-    received: float
-    low: bool
-    status: int  # -1: no HTTP answer at all
-    request_id: str | None = None
-    error: str | None = None
-
-
-async def predict(http: httpx.AsyncClient, *, low: bool, cls: int) -> Answer:
-    body = {"inputs": [instance(LOW if low else CONFIDENT, cls)]}
-    sent = time.monotonic()
-    try:
-        response = await http.post("/v1/predict", json=body)
-    except httpx.HTTPError as exc:
-        return Answer(sent, time.monotonic(), low, -1, error=repr(exc))
-    received = time.monotonic()
-    if response.status_code != 200:
-        return Answer(sent, received, low, response.status_code, error=response.text[:300])
-    (prediction,) = response.json()["predictions"]
-    return Answer(sent, received, low, 200, prediction["request_id"])
 
 
 @dataclass
@@ -122,7 +97,7 @@ class Load:
         pause_s: float = 0.01,
         max_seconds: float = 30.0,
     ) -> None:
-        self.answers: list[Answer] = []
+        self.answers: list[Sample] = []
         self.outstanding: dict[int, tuple[float, bool]] = {}
         self._http = http
         self._ledger = ledger or Ledger()
@@ -165,7 +140,7 @@ class Load:
             if (await self._ledger.post(self._http, labels))["status"] == -1:
                 return
 
-    def ok(self, since: float = 0.0) -> list[Answer]:
+    def ok(self, since: float = 0.0) -> list[Sample]:
         """Predictions answered 200 (at or after `since`)."""
         return [a for a in self.answers if a.status == 200 and a.received >= since]
 
