@@ -39,8 +39,14 @@ class CircuitBreaker:
         return self._state
 
     def rejects(self) -> bool:
-        """True while open and not yet due a trial: enqueueing would be pointless."""
-        return self.state == "open"
+        """True while open and not yet due a trial, or while the one trial is in flight:
+        enqueueing would be pointless (the call would be refused when a worker took it).
+
+        Asked for every low-confidence row, so it reads the fields rather than `state`.
+        """
+        return self._trial_in_flight or (
+            self._state == "open" and self._clock() - self._opened_at < self._reset_after
+        )
 
     def allow(self) -> bool:
         """Ask to make a call now. In half-open state only one trial is allowed."""

@@ -120,11 +120,23 @@ class TeacherDispatcher:
 
     # -- submitting --------------------------------------------------------------------
 
+    def refusal(self) -> str | None:
+        """Why a fallback submitted now would be refused at once (counted as such), or None.
+
+        The engine asks before it prepares a fallback, so that while the circuit is open a
+        low-confidence row costs a check and a counter, not a copy and a raised TeacherError.
+        """
+        if not self._closed and not self.breaker.rejects():
+            return None
+        reason = "shutdown" if self._closed else "circuit_open"
+        self._errors[reason].inc()
+        return reason
+
     async def fallback(self, x: Array) -> tuple[Array, float]:
         """Teacher probabilities for x within the deadline, or TeacherError(reason)."""
         deadline_s = self._settings.deadline_s
-        if self._closed or self.breaker.rejects():
-            raise self._refuse("shutdown" if self._closed else "circuit_open")
+        if (reason := self.refusal()) is not None:
+            raise TeacherError(reason)
         future: asyncio.Future[tuple[Array, float]] = asyncio.get_running_loop().create_future()
         job = _Job(x, deadline=self._clock() + deadline_s, future=future)
         if not self._make_room(job.rows):

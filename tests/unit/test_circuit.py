@@ -49,6 +49,7 @@ def test_half_open_allows_one_trial_then_closes_on_success() -> None:
     assert state(breaker) == "half_open" and not breaker.rejects()
     assert breaker.allow()
     assert not breaker.allow()  # only one trial at a time
+    assert breaker.rejects()  # and while it is in flight, other calls are refused at once
     breaker.success()
     assert state(breaker) == "closed" and breaker.allow()
     assert changes == ["open", "half_open", "closed"]

@@ -142,6 +142,30 @@ async def test_circuit_opens_after_failures_and_then_refuses_at_once() -> None:
     await h.dispatcher.close()
 
 
+async def test_a_half_open_trial_in_flight_refuses_other_fallbacks_at_once() -> None:
+    h = Harness(
+        FakeTeacher(mode="fail"),
+        max_concurrency=2,
+        circuit={"failure_threshold": 1, "reset_after_s": 0.05},
+    )
+    h.dispatcher.start()
+    with pytest.raises(TeacherError, match="connect"):
+        await h.dispatcher.fallback(rows(1))
+    await asyncio.sleep(0.06)  # half-open: the next call is the trial
+    h.teacher.mode, h.teacher.delay_s = "ok", 0.05
+    trial = asyncio.create_task(h.dispatcher.fallback(rows(1)))
+    await asyncio.sleep(0.01)
+    assert h.dispatcher.refusal() == "circuit_open"
+    refused = h.dispatcher.fallback(rows(1))
+    with pytest.raises(TeacherError, match="circuit_open"):
+        refused.send(None)  # raised before the coroutine first waits: never queued
+    probs, _ = await trial
+    assert probs.shape == (1, 3) and h.teacher.calls == [1, 1]
+    assert h.dispatcher.refusal() is None  # the trial succeeded: closed again
+    assert h.sample("kdguard_teacher_errors_total", reason="circuit_open") == 2
+    await h.dispatcher.close()
+
+
 async def test_garbage_from_the_teacher_is_a_counted_failure() -> None:
     h = Harness(FakeTeacher(mode="nan"), max_concurrency=1)
     h.dispatcher.start()
