@@ -1,8 +1,12 @@
 """Teacher faults with kdguard and the fake teacher as real processes (RELIABILITY.md).
 
-Traffic is real HTTP over loopback from this test: several concurrent clients, half of
-the requests confident (the student answers) and half below τ (the teacher should).
-Every loop here is bounded both in count and in time.
+Traffic is real HTTP over loopback from this test: half of the requests confident (the
+student answers) and half below τ (the teacher should). The hung and garbage scenarios
+use several concurrent clients (`Traffic`); the killed-teacher scenario sends at a fixed
+rate (`PacedTraffic`) to two kdguards at once, the faulted one and a control whose teacher
+stays up, so that the student's latency while the circuit is open is judged against a
+baseline measured at the same moment on the same machine. Every loop here is bounded
+both in count and in time.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -18,9 +23,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.processes import FakeTeacherProcess, KdguardProcess, fake_teacher, kdguard_server
+from tests.support.processes import (
+    FakeTeacherProcess,
+    KdguardProcess,
+    fake_teacher,
+    kdguard_server,
+)
 from tests.support.traffic import (
     LOW,
+    PacedTraffic,
     Sample,
     Traffic,
     predict,
@@ -44,6 +55,19 @@ GARBAGE = {  # fake teacher mode -> the reason kdguard must count it under
     "http500": "http_status",
 }
 GARBAGE_REASONS = (*GARBAGE.values(), "invalid_probabilities", "internal")
+# The killed-teacher scenario judges the student's p99 while the circuit is open against a
+# control: a second kdguard with its own, live teacher, sent the same traffic at the same
+# time (RATE a second each; the kill waits LEAD_IN_S, while the writer children start).
+# The outage is cut into OPEN_WINDOWS windows of time, each holding at least WINDOW of
+# the control's confident requests; the windows' p99s (the client's clock: what a caller
+# sees) are compared in pairs and the median ratio must be within 1.1.
+RATE = 800.0
+LEAD_IN_S = 3.0
+WINDOW = 1000
+OPEN_WINDOWS = 5
+# How often a wait during a measurement looks at the samples: each look scans them all,
+# and this process shares the two cores with both kdguards.
+MEASURING_POLL_S = 0.25
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -71,6 +95,21 @@ async def wait_for_circuit(
             break
         await asyncio.sleep(0.01)
     raise AssertionError(f"the circuit did not become {what} within {timeout_s}s")
+
+
+def p99(seconds: Sequence[float]) -> float:
+    return statistics.quantiles(seconds, n=100)[98]
+
+
+def window_p99s(samples: Sequence[Sample], *, since: float, until: float) -> list[float]:
+    """The p99 latency of `samples` in each of OPEN_WINDOWS equal windows of [since, until),
+    by the time each was sent."""
+    width = (until - since) / OPEN_WINDOWS
+    windows: list[list[float]] = [[] for _ in range(OPEN_WINDOWS)]
+    for sample in samples:
+        windows[min(int((sample.sent - since) / width), OPEN_WINDOWS - 1)].append(sample.seconds)
+    assert all(len(w) >= WINDOW for w in windows), [len(w) for w in windows]
+    return [p99(w) for w in windows]
 
 
 # -- checks shared by the scenarios ------------------------------------------------------
@@ -149,11 +188,20 @@ async def warm_up(http: httpx.AsyncClient, *, timeout_s: float = 5.0) -> None:
 
 
 async def test_teacher_killed_mid_traffic(stack: contextlib.ExitStack, tmp_path: Path) -> None:
-    teacher, kdguard = start(stack, tmp_path)
+    # Two kdguards, each with its own fake teacher, the same paced traffic to both; the
+    # faulted one's teacher is killed, the control's stays up. Monitoring and the job
+    # loop are off in both: a background pass would land in one server's windows only.
+    quiet: dict[str, Any] = {"monitoring": {"enabled": False}, "jobs": {"apply_interval_s": 600.0}}
+    teacher, kdguard = start(stack, tmp_path / "faulted", **quiet)
+    _, control = start(stack, tmp_path / "control", **quiet)
     reset_after_s = float(kdguard.config["teacher"]["circuit"]["reset_after_s"])
-    async with client_for(kdguard) as http:
-        await warm_up(http)
-        async with Traffic(http, workers=6, pause_s=0.01) as traffic:
+    async with client_for(kdguard) as http, client_for(control) as control_http:
+        await asyncio.gather(warm_up(http), warm_up(control_http))
+        async with (
+            PacedTraffic(kdguard.port, per_second=RATE, max_seconds=60) as traffic,
+            PacedTraffic(control.port, per_second=RATE, max_seconds=60) as steady,
+        ):
+            await asyncio.sleep(LEAD_IN_S)
             await wait_until(
                 lambda: sum(s.served_by == "teacher" for s in traffic.low()) >= 10,
                 timeout_s=5,
@@ -163,49 +211,84 @@ async def test_teacher_killed_mid_traffic(stack: contextlib.ExitStack, tmp_path:
             await asyncio.to_thread(teacher.kill)
             gone_at = time.monotonic()
             opened_at = await wait_for_circuit(http, CIRCUIT_OPEN, timeout_s=3, what="open")
-            # Stay down long enough for failed half-open trials, with traffic flowing.
+            # Stay down long enough for failed half-open trials, and for OPEN_WINDOWS
+            # windows of the control's confident answers, with traffic flowing.
             await wait_until(
                 lambda: (
-                    len(traffic.low(since=gone_at)) >= 30
-                    and time.monotonic() - gone_at >= 2.5 * reset_after_s
+                    time.monotonic() - gone_at >= 2.5 * reset_after_s
+                    and len(traffic.low(since=gone_at)) >= 30
+                    and len(steady.confident(since=opened_at)) >= OPEN_WINDOWS * WINDOW * 1.05
                 ),
-                timeout_s=10,
-                what="30 low-confidence requests during the outage",
+                timeout_s=30,
+                what=f"{OPEN_WINDOWS} windows of {WINDOW} confident requests during the outage",
+                interval_s=MEASURING_POLL_S,
             )
             restarting_at = time.monotonic()
             restarted = await asyncio.to_thread(
-                stack.enter_context, fake_teacher(tmp_path / "teacher", port=teacher.port)
+                stack.enter_context,
+                fake_teacher(tmp_path / "faulted" / "teacher", port=teacher.port),
             )
             up_at = time.monotonic()
             recovered_at = await wait_until(
                 lambda: any(s.served_by == "teacher" for s in traffic.low(since=up_at)),
                 timeout_s=reset_after_s + 3,
                 what="a fallback served by the restarted teacher",
+                interval_s=MEASURING_POLL_S,
             )
             closed_at = await wait_for_circuit(http, CIRCUIT_CLOSED, timeout_s=3, what="closed")
             await wait_until(
                 lambda: len(traffic.low(since=closed_at + 0.1)) >= 20,
                 timeout_s=10,
                 what="20 low-confidence requests after recovery",
+                interval_s=MEASURING_POLL_S,
             )
         errors = await teacher_errors(http)
+        restarted_rows = (await restarted.astats())["rows"]
 
-    assert_all_answered(traffic.samples, kdguard)
-    assert_confident_rows_untouched(traffic.samples)
-    before = traffic.low(until=killed_at)
+    for samples, server in ((traffic.samples, kdguard), (steady.samples, control)):
+        assert_all_answered(samples, server)
+        assert_confident_rows_untouched(samples)
+    before = traffic.low(since=killed_at - LEAD_IN_S, until=killed_at)
     assert before and all(s.served_by == "teacher" and not s.degraded for s in before)
     outage = traffic.low(since=gone_at, until=restarting_at)
     assert len(outage) >= 30
     assert_degraded_student(outage, "during the outage")
     assert opened_at - killed_at <= 1.0, f"circuit opened {opened_at - killed_at:.3f}s after kill"
     assert errors["connect"] >= 3
-    assert errors["circuit_open"] >= 1  # the open circuit refused calls at once
+    # The open circuit refused calls at once: all but the half-open trials.
+    assert errors["circuit_open"] >= len(outage) / 2, (errors, len(outage))
     assert recovered_at - up_at <= reset_after_s + 3
     after = traffic.low(since=closed_at + 0.1)
     not_teacher = [s for s in after if s.served_by != "teacher" or s.degraded]
     assert not not_teacher, f"after recovery, not served by the teacher: {not_teacher[:3]}"
     # Those answers came from the restarted teacher (fallbacks are micro-batched: count rows).
-    assert (await restarted.astats())["rows"] >= len(after)
+    assert restarted_rows >= len(after)
+
+    # The student's latency while the circuit is open: every answer the faulted kdguard
+    # gave then (the refused fallbacks, a few half-open trials and the confident requests)
+    # against the control's confident answers sent in the same windows of time, on the
+    # client's clock. (kdguard's own record of a request here, ~0.1-0.3 ms in the engine,
+    # measures how soon the OS wakes its threads, which depends on how busy each process
+    # is: a control serving fallbacks wakes faster than a server with little to do.)
+    served = [s for s in traffic.samples if opened_at <= s.sent < restarting_at]
+    baseline = [s for s in steady.confident() if opened_at <= s.sent < restarting_at]
+    faulted_p99s = window_p99s(served, since=opened_at, until=restarting_at)
+    control_p99s = window_p99s(baseline, since=opened_at, until=restarting_at)
+    ratios = [f / c for f, c in zip(faulted_p99s, control_p99s, strict=True)]
+    pooled = p99([s.seconds for s in served]) / p99([s.seconds for s in baseline])
+    figures = ", ".join(
+        f"{f * 1e3:.2f}/{c * 1e3:.2f} ms" for f, c in zip(faulted_p99s, control_p99s, strict=True)
+    )
+    print(
+        f"\nstudent p99 while the circuit is open, faulted/control per window: {figures}; "
+        f"ratios {[round(r, 3) for r in ratios]}, median {statistics.median(ratios):.3f}, "
+        f"pooled {pooled:.3f}; {len(served)} faulted, {len(baseline)} control; "
+        f"skipped {traffic.skipped}/{steady.skipped}"
+    )
+    assert statistics.median(ratios) <= 1.1, (
+        f"the student's p99 while the circuit is open is {statistics.median(ratios):.3f}x "
+        f"the control's (windows: {figures})"
+    )
 
 
 # -- (b) the teacher hangs: accepts and never answers -------------------------------------
