@@ -1,9 +1,11 @@
 """Evaluate every metric over one window of N stored predictions (goal: 1M in under 2 s).
 
-Loads a scratch PostgreSQL database through the real writer (COPY), labels 10% of the
-rows the way feedback would (correctness, NLL, Brier columns), then times the monitor's
-evaluation of one window covering all of them: the SQL aggregates plus every metric's
-result (intervals, bootstrap thresholds, null quantiles).
+Loads a scratch PostgreSQL database through the real writer (COPY, and the per-bucket
+sums), spread over one day, labels 10% of the rows through the feedback path (the
+student calibrated by design: its answer is the label with probability its confidence),
+then times the monitor's evaluation of the day-long window that covers them all: the
+SQL over the sums plus every metric's result (intervals, bootstrap thresholds, null
+quantiles).
 
 Usage: python bench/window_eval.py [--rows 1000000]
 """
@@ -20,6 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
 
 from service.monitoring.instruments import build_instruments
 from service.monitoring.metrics import EntropyReference
@@ -27,25 +30,19 @@ from service.monitoring.records import PredictionBatch, TeacherOutcome
 from service.persistence import migrate
 from service.persistence.aggregates import window_stats
 from service.persistence.database import make_engine
+from service.persistence.feedback import Label, record_labels
 from service.persistence.writer import PredictionWriter
 from service.settings import MonitoringSettings, RecordingSettings
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-# What feedback would store for a random 10% of rows (the student calibrated by design).
-LABEL_10_PERCENT = """
-INSERT INTO feedback (request_id, model, label, received_at, client, student_correct,
-                      teacher_correct, nll, brier)
-SELECT request_id, model, student_label, created_at, 'bench', random() < confidence,
-       CASE WHEN teacher_label IS NULL THEN NULL ELSE random() < teacher_confidence END,
-       -ln(confidence), (1 - confidence) * (1 - confidence)
-FROM predictions WHERE random() < 0.1
-"""
+DAY = 86_400.0
 
 
 def load(engine_url: str, rows: int, created: float) -> None:
     engine = make_engine(engine_url)
     migrate.upgrade(engine)
     settings = RecordingSettings(queue_rows=rows + 1, batch_rows=20_000, flush_interval_s=0.05)
+    labels: list[Label] = []
     writer = PredictionWriter(
         engine,
         settings=settings,
@@ -55,7 +52,8 @@ def load(engine_url: str, rows: int, created: float) -> None:
     writer.start()
     rng = np.random.default_rng(0)
     per_batch = 1000
-    for b in range(rows // per_batch):
+    batches = rows // per_batch
+    for b in range(batches):
         p = rng.dirichlet(np.full(10, 0.3), per_batch).astype(np.float32)
         q = rng.dirichlet(np.full(10, 0.3), per_batch).astype(np.float32)
         low = p.max(axis=1) < 0.6
@@ -76,7 +74,7 @@ def load(engine_url: str, rows: int, created: float) -> None:
                 student_version="1",
                 teacher_version="1",
                 routing_key=None,
-                created_at=created + b * 1e-3,
+                created_at=created + b * DAY / batches,
                 request_ids=[f"{b}-{i}" for i in range(per_batch)],
                 student_probs=p,
                 teacher_probs=q,
@@ -94,10 +92,18 @@ def load(engine_url: str, rows: int, created: float) -> None:
                 total_seconds=1e-4,
             )
         )
+        for i in np.flatnonzero(rng.random(per_batch) < 0.1):
+            right = rng.random() < p[i].max()
+            label = int(p[i].argmax()) if right else int(rng.integers(0, 10))
+            labels.append(Label(f"{b}-{i}", label))
     assert writer.flush(900.0)
     writer.close(10.0)
+    sessions = sessionmaker(engine)
+    for i in range(0, len(labels), 1000):
+        with sessions.begin() as session:
+            chunk = labels[i : i + 1000]
+            record_labels(session, labels=chunk, num_classes=10, client="bench", bucket_s=60)
     with engine.begin() as connection:
-        connection.execute(text(LABEL_10_PERCENT))
         connection.execute(text("ANALYZE"))
     engine.dispose()
 
@@ -143,12 +149,12 @@ def main() -> int:
     with admin.connect() as c:
         c.execute(text(f"CREATE DATABASE {name}"))
     url = make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    created = time.time() - 3600
+    created = (time.time() // DAY - 1) * DAY  # yesterday, a whole day-long window
     try:
         started = time.perf_counter()
         load(url, args.rows, created)
         print(f"loaded {args.rows} rows in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        print(json.dumps(evaluate(url, created - 1, time.time()), indent=2))
+        print(json.dumps(evaluate(url, created, created + DAY), indent=2))
     finally:
         with admin.connect() as c:
             c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

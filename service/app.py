@@ -100,6 +100,7 @@ def create_app(
             feedback=FeedbackStore(
                 sessions,
                 num_classes=lambda: deployment.engine.student.manifest.num_classes,
+                bucket_s=settings.recording.bucket_s,
                 flush_writer=None if writer is None else _settle(settings, deployment, writer),
             ),
         )

@@ -280,6 +280,16 @@ class RecordingSettings(BaseModel):
     input_retention_rows: int = Field(
         1_000_000, ge=1, description="Most logged inputs kept; the oldest go first."
     )
+    bucket_s: int = Field(
+        60,
+        ge=1,
+        le=86_400,
+        description=(
+            "Length of the time buckets the metric sums are kept in (by prediction time);"
+            " every monitoring window must be a multiple of it. A change applies to rows"
+            " written from then on."
+        ),
+    )
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -568,6 +578,17 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file (if `load_settings` named one) sits below the environment.
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _windows_fit_buckets(self) -> Settings:
+        bucket = self.recording.bucket_s
+        for window in self.monitoring.windows:
+            if duration_seconds(window) % bucket:
+                raise ValueError(
+                    f"monitoring window {window} is not a multiple of recording.bucket_s"
+                    f" ({bucket} s): windows are sums of whole buckets"
+                )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

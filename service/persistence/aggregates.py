@@ -1,18 +1,19 @@
-"""One monitoring window's sufficient statistics, from SQL aggregates only.
+"""One monitoring window's sufficient statistics, from the per-bucket sums only.
 
-Every statistic in `monitoring.metrics` is built from sums and per-bin counts, and every
-per-row input to those sums is a column written at insert (bins, teacher scalars) or at
-feedback time (correctness, NLL, Brier). So a window over a million predictions is four
-GROUP BY queries that return a few thousand numbers; no prediction row reaches Python.
+Every statistic in `monitoring.metrics` is built from sums and per-bin counts, and the
+writer and feedback keep those sums per time bucket as rows arrive (`persistence.sums`).
+So a window is four GROUP BY queries over its buckets' sums, whatever the traffic it
+covers: no prediction row is read, and none reaches Python.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.monitoring.metrics import (
@@ -26,9 +27,9 @@ from service.monitoring.metrics import (
     GapStats,
     TeacherGapStats,
 )
-from service.persistence.tables import Feedback, Prediction
+from service.persistence.tables import EntropySums, LabelSums, PredictionSums
 
-P = Prediction
+E, L, S = EntropySums, LabelSums, PredictionSums
 
 
 @dataclass(frozen=True)
@@ -63,37 +64,32 @@ class WindowStats:
         )
 
 
-def _in_window(model: str, start: float, end: float) -> list[ColumnElement[bool]]:
-    return [P.model == model, P.created_at >= start, P.created_at < end]
-
-
-def _flag(condition: ColumnElement[bool]) -> ColumnElement[int]:
-    return case((condition, 1), else_=0)
-
-
 def window_stats(connection: Connection, *, model: str, start: float, end: float) -> WindowStats:
+    """The sums of the buckets that start in [start, end): exactly the window's rows when
+    both ends are multiples of the bucket length (`recording.bucket_s`)."""
+    labels = _labels(connection, model, start, end)
     entropy = _entropy_counts(connection, model, start, end)
-    labelled = connection.execute(
-        select(func.count()).select_from(P).join(Feedback, Feedback.request_id == P.request_id)
-        .where(*_in_window(model, start, end))
-    ).scalar_one()  # fmt: skip
     return WindowStats(
         rows=int(entropy.sum()),
-        labelled=int(labelled),
+        labelled=int(labels.calibration.counts.sum()),
         flip=_flip(connection, model, start, end),
         teacher_gap=_teacher_gap(connection, model, start, end),
-        gap=_gap(connection, model, start, end),
-        calibration=_calibration(connection, model, start, end),
+        gap=labels.gap,
+        calibration=labels.calibration,
         entropy_fine_counts=entropy,
     )
+
+
+def _in_window(table: Any, model: str, start: float, end: float) -> list[ColumnElement[bool]]:
+    return [table.model == model, table.bucket_start >= start, table.bucket_start < end]
 
 
 def _entropy_counts(connection: Connection, model: str, start: float, end: float) -> np.ndarray:
     counts = np.zeros(FINE_BINS, dtype=np.int64)
     query = (
-        select(P.entropy_fine, func.count())
-        .where(*_in_window(model, start, end))
-        .group_by(P.entropy_fine)
+        select(E.entropy_fine, func.sum(E.n))
+        .where(*_in_window(E, model, start, end))
+        .group_by(E.entropy_fine)
     )
     for fine, count in connection.execute(query):
         counts[int(fine)] = int(count)
@@ -101,29 +97,17 @@ def _entropy_counts(connection: Connection, model: str, start: float, end: float
 
 
 def _flip(connection: Connection, model: str, start: float, end: float) -> FlipStats:
-    w = 1.0 / P.inclusion_probability
-    flip = _flag(P.student_label != P.teacher_label)
-    served = P.served_by_teacher.is_(False)
-    decile = P.conf_fine / (FINE_BINS // DECILES)  # integer division on both databases
+    columns = (
+        S.teacher_n, S.sum_w, S.sum_w2, S.sum_w_flip, S.served_n, S.served_sum_w,
+        S.served_sum_w2, S.served_sum_w_flip, S.sum_w_tv, S.sum_w_kl,
+    )  # fmt: skip
     query = (
-        select(
-            decile,
-            func.count(),
-            func.sum(w),
-            func.sum(w * w),
-            func.sum(w * flip),
-            func.sum(_flag(served)),
-            func.sum(case((served, w), else_=0.0)),
-            func.sum(case((served, w * w), else_=0.0)),
-            func.sum(case((served, w * flip), else_=0.0)),
-            func.sum(w * P.total_variation),
-            func.sum(w * P.kl_teacher_student),
-        )
-        .where(*_in_window(model, start, end), P.teacher_label.is_not(None))
-        .group_by(decile)
+        select(S.decile, *(func.sum(c) for c in columns))
+        .where(*_in_window(S, model, start, end))
+        .group_by(S.decile)
     )
     rows = [tuple(float(v or 0.0) for v in row) for row in connection.execute(query)]
-    totals = np.array([row[1:] for row in rows]).sum(axis=0) if rows else np.zeros(10)
+    totals = np.array([row[1:] for row in rows]).sum(axis=0) if rows else np.zeros(len(columns))
     decile_w, decile_flip = np.zeros(DECILES), np.zeros(DECILES)
     for row in rows:
         decile_w[int(row[0])] += row[2]
@@ -137,16 +121,14 @@ def _flip(connection: Connection, model: str, start: float, end: float) -> FlipS
 
 
 def _teacher_gap(connection: Connection, model: str, start: float, end: float) -> TeacherGapStats:
-    w = 1.0 / P.inclusion_probability
-    delta = P.teacher_confidence - P.teacher_p_student
     row = connection.execute(
         select(
-            func.count(),
-            func.sum(w),
-            func.sum(w * w),
-            func.sum(w * delta),
-            func.sum(w * delta * delta),
-        ).where(*_in_window(model, start, end), P.teacher_outcome == "shadow")
+            func.sum(S.shadow_n),
+            func.sum(S.shadow_sum_w),
+            func.sum(S.shadow_sum_w2),
+            func.sum(S.shadow_sum_w_delta),
+            func.sum(S.shadow_sum_w_delta2),
+        ).where(*_in_window(S, model, start, end))
     ).one()
     n, sum_w, sum_w2, sum_wd, sum_wd2 = (float(v or 0.0) for v in row)
     return TeacherGapStats(
@@ -154,63 +136,44 @@ def _teacher_gap(connection: Connection, model: str, start: float, end: float) -
     )
 
 
-def _gap(connection: Connection, model: str, start: float, end: float) -> GapStats:
-    w = 1.0 / P.inclusion_probability
-    s, t = Feedback.student_correct, Feedback.teacher_correct
-    both, teacher_only, student_only = s.is_(True) & t.is_(True), t.is_(True) & s.is_(False), (
-        s.is_(True) & t.is_(False)
-    )  # fmt: skip
-    row = connection.execute(
-        select(
-            func.count(),
-            func.sum(w),
-            func.sum(w * w),
-            func.sum(case((both, w), else_=0.0)),
-            func.sum(case((teacher_only, w), else_=0.0)),
-            func.sum(case((student_only, w), else_=0.0)),
-            func.sum(_flag(both)),
-            func.sum(_flag(teacher_only)),
-            func.sum(_flag(student_only)),
-        )
-        .join(Feedback, Feedback.request_id == P.request_id)
-        .where(*_in_window(model, start, end), t.is_not(None))
-    ).one()
-    v = [float(x or 0.0) for x in row]
-    return GapStats(
-        n=int(v[0]), sum_w=v[1], sum_w2=v[2], a_w=v[3], b_w=v[4], c_w=v[5],
-        a_count=int(v[6]), b_count=int(v[7]), c_count=int(v[8]),
-    )  # fmt: skip
+@dataclass(frozen=True)
+class _Labels:
+    gap: GapStats
+    calibration: CalibrationStats
 
 
-def _calibration(connection: Connection, model: str, start: float, end: float) -> CalibrationStats:
-    """Per-cell and per-fine-bin sums from one query (one snapshot: the two must count the
-    same rows, and a label committed between two queries would break that)."""
-    correct = _flag(Feedback.student_correct.is_(True))
+_LABEL_SUMS = (
+    L.n, L.sum_correct, L.sum_conf, L.sum_nll, L.sum_brier, L.paired_n, L.paired_sum_w,
+    L.paired_sum_w2, L.both_w, L.teacher_only_w, L.student_only_w, L.both_n,
+    L.teacher_only_n, L.student_only_n,
+)  # fmt: skip
+
+
+def _labels(connection: Connection, model: str, start: float, end: float) -> _Labels:
+    """Calibration cells, fine bins and the paired gap from one statement (one snapshot:
+    the cells, the fine bins and the label count must count the same labels)."""
     query = (
-        select(
-            P.conf_bin,
-            P.conf_fine,
-            func.count(),
-            func.sum(correct),
-            func.sum(P.confidence),
-            func.sum(Feedback.nll),
-            func.sum(Feedback.brier),
-        )
-        .join(Feedback, Feedback.request_id == P.request_id)
-        .where(*_in_window(model, start, end))
-        .group_by(P.conf_bin, P.conf_fine)
+        select(L.conf_bin, L.conf_fine, *(func.sum(c) for c in _LABEL_SUMS))
+        .where(*_in_window(L, model, start, end))
+        .group_by(L.conf_bin, L.conf_fine)
     )
     rows = connection.execute(query).all()
-    sums = np.array([r[2:] for r in rows], np.float64).reshape(-1, 5)
+    sums = np.array([r[2:] for r in rows], np.float64).reshape(-1, len(_LABEL_SUMS))
     cells = np.array([r[0] for r in rows], np.intp)
     fine = np.array([r[1] for r in rows], np.intp)
 
     def per(index: npt.NDArray[np.intp], size: int, column: int) -> npt.NDArray[np.float64]:
         return np.bincount(index, sums[:, column], minlength=size).astype(np.float64)
 
-    return CalibrationStats(
+    g = sums[:, 5:].sum(axis=0)
+    gap = GapStats(
+        n=round(g[0]), sum_w=g[1], sum_w2=g[2], a_w=g[3], b_w=g[4], c_w=g[5],
+        a_count=round(g[6]), b_count=round(g[7]), c_count=round(g[8]),
+    )  # fmt: skip
+    calibration = CalibrationStats(
         counts=per(cells, CELLS, 0).round().astype(np.int64), sum_correct=per(cells, CELLS, 1),
         sum_conf=per(cells, CELLS, 2), fine_counts=per(fine, FINE_BINS, 0).round().astype(np.int64),
         fine_sum_correct=per(fine, FINE_BINS, 1), fine_sum_conf=per(fine, FINE_BINS, 2),
         sum_nll=float(sums[:, 3].sum()), sum_brier=float(sums[:, 4].sum()),
     )  # fmt: skip
+    return _Labels(gap=gap, calibration=calibration)

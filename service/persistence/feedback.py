@@ -25,7 +25,8 @@ from service.errors import (
 )
 from service.monitoring.metrics import label_columns
 from service.persistence.rows import decode_probs
-from service.persistence.tables import Feedback, IdempotencyKey, Prediction
+from service.persistence.sums import add_sums, label_sums
+from service.persistence.tables import Feedback, IdempotencyKey, LabelSums, Prediction
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,11 @@ def record_labels(
     labels: list[Label],
     num_classes: int,
     client: str,
+    bucket_s: int,
     now: float | None = None,
 ) -> dict[str, int]:
-    """Store labels; {"accepted": new, "unchanged": repeats}. 404 unknown ids, 409 conflicts."""
+    """Store labels and add them to the window sums (buckets of `bucket_s` seconds);
+    {"accepted": new, "unchanged": repeats}. 404 unknown ids, 409 conflicts."""
     ids = [item.request_id for item in labels]
     if len(set(ids)) != len(ids):
         raise BadInputError("a request id appears twice in one feedback request")
@@ -65,9 +68,33 @@ def record_labels(
         raise ConflictError(f"a different label was already recorded for: {conflicts[:10]}")
     received = time.time() if now is None else now
     new = [i for i in labels if i.request_id not in existing]
-    for item in new:
-        session.add(_feedback_row(predictions[item.request_id], item.label, client, received))
+    rows = [_feedback_row(predictions[i.request_id], i.label, client, received) for i in new]
+    session.add_all(rows)
+    session.flush()  # a label stored meanwhile by another request fails here, sums untouched
+    _add_label_sums(session, [(predictions[row.request_id], row) for row in rows], bucket_s)
     return {"accepted": len(new), "unchanged": len(labels) - len(new)}
+
+
+def _add_label_sums(
+    session: Session, labelled: list[tuple[Prediction, Feedback]], bucket_s: int
+) -> None:
+    """Each new label's share of its prediction's bucket in `label_sums`."""
+    predictions = [p for p, _ in labelled]
+    feedback = [f for _, f in labelled]
+    sums = label_sums(
+        model=[p.model for p in predictions],
+        created_at=[p.created_at for p in predictions],
+        conf_bin=[p.conf_bin for p in predictions],
+        conf_fine=[p.conf_fine for p in predictions],
+        confidence=[p.confidence for p in predictions],
+        inclusion_probability=[p.inclusion_probability for p in predictions],
+        student_correct=[f.student_correct for f in feedback],
+        teacher_correct=[f.teacher_correct for f in feedback],
+        nll=[f.nll for f in feedback],
+        brier=[f.brier for f in feedback],
+        bucket_s=bucket_s,
+    )
+    add_sums(session.connection(), LabelSums, sums)
 
 
 def _feedback_row(prediction: Prediction, label: int, client: str, received: float) -> Feedback:
@@ -127,10 +154,12 @@ class FeedbackStore:
         sessions: sessionmaker[Session],
         *,
         num_classes: Callable[[], int],
+        bucket_s: int,
         flush_writer: Callable[[float], bool] | None,
     ) -> None:
         self._sessions = sessions
         self._num_classes = num_classes
+        self._bucket_s = bucket_s
         self._flush_writer = flush_writer
 
     def submit(
@@ -162,8 +191,9 @@ class FeedbackStore:
                 if key is not None and (previous := replay(session, key=key, body_sha256=digest)):
                     return previous
                 result: dict[str, Any] = record_labels(
-                    session, labels=labels, num_classes=self._num_classes(), client=client
-                )
+                    session, labels=labels, num_classes=self._num_classes(), client=client,
+                    bucket_s=self._bucket_s,
+                )  # fmt: skip
                 if key is not None:
                     remember(session, key=key, body_sha256=digest, response=result)
             return result

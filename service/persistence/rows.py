@@ -65,6 +65,14 @@ class Rows:
     def __len__(self) -> int:
         return self.count
 
+    def request_ids(self) -> list[str]:
+        return _python_values(self.columns["request_id"])
+
+    def take(self, index: IntArray) -> Rows:
+        """The rows at `index`, in that order."""
+        columns = {name: _take(column, index) for name, column in self.columns.items()}
+        return Rows(self.table, columns, len(index))
+
     def lists(self) -> list[list[Any]]:
         """Each column as Python values (None for NULL)."""
         return [_python_values(column) for column in self.columns.values()]
@@ -184,6 +192,12 @@ def _encode_coded(column: Coded) -> _Encoded:
     lengths = np.append(value_len, -1)[column.codes]
     starts = np.append(value_start, 0)[column.codes]
     return _Encoded(lengths, np.frombuffer(data, np.uint8), starts)
+
+
+def _take(column: Column, index: IntArray) -> Column:
+    if isinstance(column, Coded):
+        return Coded(column.values, column.codes[index])
+    return Fixed(column.values[index], None if column.null is None else column.null[index])
 
 
 def _python_values(column: Column) -> list[Any]:

@@ -151,6 +151,79 @@ class Feedback(Base):
     brier: Mapped[float] = mapped_column(Float)  # sum of (p - onehot(y))^2
 
 
+class PredictionSums(Base):
+    """Per time bucket and confidence decile: the sums behind the label-free metrics.
+
+    Added to by the writer in the transaction that inserts the rows they count, so a
+    window's flip rate and teacher-gap estimate are sums over its buckets (see
+    `persistence.sums`). Weights are w = 1/π.
+    """
+
+    __tablename__ = "prediction_sums"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket_start: Mapped[float] = mapped_column(Float, primary_key=True)
+    decile: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)  # every row
+    # rows with a teacher answer: flip rate, total variation, KL(q‖p)
+    teacher_n: Mapped[int] = mapped_column(BigInteger)
+    sum_w: Mapped[float] = mapped_column(Float)
+    sum_w2: Mapped[float] = mapped_column(Float)
+    sum_w_flip: Mapped[float] = mapped_column(Float)
+    sum_w_tv: Mapped[float] = mapped_column(Float)
+    sum_w_kl: Mapped[float] = mapped_column(Float)
+    # those of them the student served: the served flip rate
+    served_n: Mapped[int] = mapped_column(BigInteger)
+    served_sum_w: Mapped[float] = mapped_column(Float)
+    served_sum_w2: Mapped[float] = mapped_column(Float)
+    served_sum_w_flip: Mapped[float] = mapped_column(Float)
+    # shadow rows: the label-free accuracy-gap estimate, δ = max q - q[ŷs]
+    shadow_n: Mapped[int] = mapped_column(BigInteger)
+    shadow_sum_w: Mapped[float] = mapped_column(Float)
+    shadow_sum_w2: Mapped[float] = mapped_column(Float)
+    shadow_sum_w_delta: Mapped[float] = mapped_column(Float)
+    shadow_sum_w_delta2: Mapped[float] = mapped_column(Float)
+
+
+class EntropySums(Base):
+    """Per time bucket: how many rows fell in each fine entropy bin (entropy drift)."""
+
+    __tablename__ = "entropy_sums"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket_start: Mapped[float] = mapped_column(Float, primary_key=True)
+    entropy_fine: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class LabelSums(Base):
+    """Per time bucket (of the prediction) and confidence cell: the sums behind the
+    labelled metrics, added to by feedback in the transaction that stores each label."""
+
+    __tablename__ = "label_sums"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket_start: Mapped[float] = mapped_column(Float, primary_key=True)
+    conf_bin: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    conf_fine: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    # every label: calibration (ECE cells and fine bins), NLL, Brier
+    n: Mapped[int] = mapped_column(BigInteger)
+    sum_correct: Mapped[float] = mapped_column(Float)
+    sum_conf: Mapped[float] = mapped_column(Float)
+    sum_nll: Mapped[float] = mapped_column(Float)
+    sum_brier: Mapped[float] = mapped_column(Float)
+    # labels whose prediction has a teacher answer: the paired accuracy gap
+    paired_n: Mapped[int] = mapped_column(BigInteger)
+    paired_sum_w: Mapped[float] = mapped_column(Float)
+    paired_sum_w2: Mapped[float] = mapped_column(Float)
+    both_w: Mapped[float] = mapped_column(Float)
+    teacher_only_w: Mapped[float] = mapped_column(Float)
+    student_only_w: Mapped[float] = mapped_column(Float)
+    both_n: Mapped[int] = mapped_column(BigInteger)
+    teacher_only_n: Mapped[int] = mapped_column(BigInteger)
+    student_only_n: Mapped[int] = mapped_column(BigInteger)
+
+
 class IdempotencyKey(Base):
     """A feedback request's Idempotency-Key, the hash of its body and the answer it got."""
 

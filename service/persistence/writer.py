@@ -32,9 +32,10 @@ from collections.abc import Callable
 from select import select as readable
 from typing import IO, Any, Protocol
 
+import numpy as np
 import psycopg
 from prometheus_client import Counter
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Engine, Table, delete, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
@@ -42,7 +43,8 @@ from service.monitoring.instruments import Instruments
 from service.monitoring.records import PredictionBatch
 from service.persistence.database import is_postgres
 from service.persistence.rows import Gathered, Rows, gather, input_rows, prediction_rows
-from service.persistence.tables import Prediction, PredictionInput
+from service.persistence.sums import add_sums, merge_sums, prediction_sums
+from service.persistence.tables import EntropySums, PredictionInput, PredictionSums
 from service.settings import RecordingSettings
 
 log = logging.getLogger(__name__)
@@ -277,11 +279,17 @@ class Sink(Protocol):
 
 
 class Inserter:
-    """Inserts gathered rows: COPY into PostgreSQL, multi-row INSERT OR IGNORE into SQLite."""
+    """Inserts gathered rows and adds their share to the window sums, in one transaction.
+
+    The fast path inserts every row (binary COPY into PostgreSQL, multi-row INSERT into
+    SQLite) and fails whole on a request id already stored; the flush is then inserted
+    again skipping duplicates, and only the rows that went in are added to the sums.
+    """
 
     def __init__(self, engine: Engine, settings: RecordingSettings) -> None:
         self._engine = engine
         self._retention = settings.input_retention_rows
+        self._bucket_s = settings.bucket_s
         self._insert = _insert_ignoring_duplicates(engine)
         self._postgres = is_postgres(engine)
         self._since_prune = 0
@@ -306,17 +314,37 @@ class Inserter:
 
     def _insert_all(self, tables: list[tuple[Rows, Rows]], *, fast: bool) -> None:
         with self._engine.begin() as connection:
+            inserted = []
             for predictions, inputs in tables:
-                for table, rows in ((Prediction, predictions), (PredictionInput, inputs)):
-                    if not rows:
-                        continue
-                    if not fast:
-                        connection.execute(self._insert(table), rows.dicts())
-                    elif self._postgres:
-                        _copy(connection, table.__tablename__, rows)
-                    else:
-                        _sqlite_insert_or_ignore(connection, table.__tablename__, rows)
+                inserted.append(self._insert_rows(connection, predictions, fast=fast))
+                self._insert_rows(connection, inputs, fast=fast)
+            by_decile, by_entropy = zip(
+                *(prediction_sums(rows, self._bucket_s) for rows in inserted), strict=True
+            )
+            add_sums(connection, PredictionSums, merge_sums(PredictionSums, by_decile))
+            add_sums(connection, EntropySums, merge_sums(EntropySums, by_entropy))
             self._prune_inputs(connection, sum(len(inputs) for _, inputs in tables))
+
+    def _insert_rows(self, connection: Connection, rows: Rows, *, fast: bool) -> Rows:
+        """Insert `rows`; the ones that went in (all of them on the fast path)."""
+        if not rows:
+            return rows
+        if fast:
+            if self._postgres:
+                _copy(connection, rows.table.name, rows)
+            else:
+                _sqlite_insert(connection, rows.table.name, rows)
+            return rows
+        key = rows.table.c.request_id
+        new = set(
+            connection.execute(self._insert(rows.table).returning(key), rows.dicts()).scalars()
+        )
+        kept = []  # the first row of each new id (an id twice in one flush went in once)
+        for i, request_id in enumerate(rows.request_ids()):
+            if request_id in new:
+                new.discard(request_id)
+                kept.append(i)
+        return rows.take(np.asarray(kept, np.intp))
 
     def _prune_inputs(self, connection: Any, added: int) -> None:
         """Keep at most `input_retention_rows` logged inputs (checked every so often)."""
@@ -488,8 +516,8 @@ def _copy(connection: Connection, table: str, rows: Rows) -> None:
         raise OperationalError(statement, None, exc) from exc
 
 
-def _sqlite_insert_or_ignore(connection: Connection, table: str, rows: Rows) -> None:
-    """Multi-row INSERT OR IGNORE, a few hundred rows per statement.
+def _sqlite_insert(connection: Connection, table: str, rows: Rows) -> None:
+    """Multi-row INSERT, a few hundred rows per statement.
 
     The sqlite3 module releases the GIL around every statement step; with executemany
     that is once per row, and each time the writer must win the GIL back from a busy
@@ -503,7 +531,7 @@ def _sqlite_insert_or_ignore(connection: Connection, table: str, rows: Rows) -> 
     start = 0
     for count in _chunks(len(rows), max(1, _SQLITE_MAX_VARIABLES // width)):
         placeholders = ", ".join([one_row] * count)
-        statement = f"INSERT OR IGNORE INTO {table} ({columns}) VALUES {placeholders}"  # noqa: S608
+        statement = f"INSERT INTO {table} ({columns}) VALUES {placeholders}"  # noqa: S608
         chunk = values[start * width : (start + count) * width]
         connection.exec_driver_sql(statement, tuple(chunk))
         start += count
@@ -527,13 +555,13 @@ def _chunks(rows: int, most: int) -> list[int]:
 _SQLITE_MAX_VARIABLES = 32_766  # SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32
 
 
-def _insert_ignoring_duplicates(engine: Engine) -> Callable[[type[Any]], Any]:
+def _insert_ignoring_duplicates(engine: Engine) -> Callable[[Table], Any]:
     """INSERT ... ON CONFLICT DO NOTHING: a client-supplied request id seen twice is kept once."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect_insert: Any = postgresql.insert if is_postgres(engine) else sqlite.insert
 
-    def build(table: type[Any]) -> Any:
+    def build(table: Table) -> Any:
         return dialect_insert(table).on_conflict_do_nothing()
 
     return build

@@ -130,7 +130,7 @@ def test_an_id_is_unknown_only_once_the_writer_has_flushed(
         return flushed
 
     store = FeedbackStore(
-        session_factory(database), num_classes=lambda: 3, flush_writer=flush_writer
+        session_factory(database), num_classes=lambda: 3, bucket_s=60, flush_writer=flush_writer
     )
     with pytest.raises(KdguardError) as caught:
         store.submit([Label("not-stored-yet", 1)], client="c", idempotency_key=None, body=b"{}")

@@ -153,6 +153,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PrometheusS
     work = tmp_path_factory.mktemp("live")
     overrides = {
         "routing": {"shadow_rate": 0.5},
+        "recording": {"bucket_s": 10},  # windows are whole buckets
         "auth": {"api_keys": [{"name": "ops", "key": ADMIN_KEY, "scopes": ["admin"]}]},
         "monitoring": {
             "windows": [WINDOW],

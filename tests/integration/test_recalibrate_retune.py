@@ -138,7 +138,7 @@ def label(
 ) -> None:
     with sessionmaker(database).begin() as session:
         given = [Label(f"{prefix}{i}", int(sim.y[i])) for i in rows]
-        record_labels(session, labels=given, num_classes=K, client="test", now=at)
+        record_labels(session, labels=given, num_classes=K, client="test", bucket_s=60, now=at)
 
 
 def make_registry(root: Path, temperature: float) -> ModelRegistry:
@@ -303,7 +303,9 @@ def test_labels_from_a_client_that_contradicts_the_teacher_are_left_out(
     wrong = (sim.u.argmax(axis=1) + 1) % K  # never the teacher's answer
     with sessionmaker(database).begin() as session:
         given = [Label(f"r{i}", int(wrong[i])) for i in range(1, 3000, 2)]
-        record_labels(session, labels=given, num_classes=K, client="mallory", now=NOW - 60.0)
+        record_labels(
+            session, labels=given, num_classes=K, client="mallory", bucket_s=60, now=NOW - 60.0
+        )
     ctx, reports = context(database, make_registry(tmp_path / "registry", 1.0), "recalibrate")
 
     result = recalibrate.run(ctx)
