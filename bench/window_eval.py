@@ -99,9 +99,9 @@ def load(engine_url: str, rows: int, created: float) -> None:
     assert writer.flush(900.0)
     writer.close(10.0)
     sessions = sessionmaker(engine)
-    for i in range(0, len(labels), 1000):
+    for first in range(0, len(labels), 1000):
         with sessions.begin() as session:
-            chunk = labels[i : i + 1000]
+            chunk = labels[first : first + 1000]
             record_labels(session, labels=chunk, num_classes=10, client="bench", bucket_s=60)
     with engine.begin() as connection:
         connection.execute(text("ANALYZE"))

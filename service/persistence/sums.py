@@ -18,7 +18,7 @@ touch the same buckets lock them in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from service.monitoring.metrics import DECILES, FINE_BINS
 from service.persistence.database import is_postgres
-from service.persistence.rows import Coded, Fixed, Rows
+from service.persistence.rows import Coded, Column, Fixed, Rows
 
 Floats = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
@@ -40,29 +40,39 @@ def bucket_starts(created_at: npt.ArrayLike, bucket_s: float) -> Floats:
     return np.floor(np.asarray(created_at, np.float64) / bucket_s) * bucket_s
 
 
-def prediction_sums(rows: Rows, bucket_s: float) -> tuple[SumRows, SumRows]:
-    """The `prediction_sums` and `entropy_sums` shares of some `predictions` rows."""
-    if not len(rows):
+def prediction_sums(parts: Sequence[Rows], bucket_s: float) -> tuple[SumRows, SumRows]:
+    """The `prediction_sums` and `entropy_sums` shares of some `predictions` rows (a
+    flush's parts), each in key order."""
+    parts = [rows for rows in parts if len(rows)]
+    if not parts:
         return [], []
-    model = rows.columns["model"]
-    assert isinstance(model, Coded)
-    bucket = bucket_starts(_numbers(rows, "created_at"), bucket_s)
-    w = _weights(_numbers(rows, "inclusion_probability"))
-    teacher_label, no_teacher = _nullable(rows, "teacher_label")
+
+    def numbers(name: str) -> npt.NDArray[Any]:
+        return np.concatenate([_numbers(rows, name) for rows in parts])
+
+    def nullable(name: str) -> tuple[Floats, Mask]:
+        pairs = [_nullable(rows, name) for rows in parts]
+        return np.concatenate([v for v, _ in pairs]), np.concatenate([m for _, m in pairs])
+
+    model = _concatenated([rows.columns["model"] for rows in parts])
+    n = len(model.codes)
+    bucket = bucket_starts(numbers("created_at"), bucket_s)
+    w = _weights(numbers("inclusion_probability"))
+    teacher_label, no_teacher = nullable("teacher_label")
     teacher = ~no_teacher
-    flip = teacher & (_numbers(rows, "student_label") != teacher_label)
-    served = teacher & ~_numbers(rows, "served_by_teacher").astype(bool)
-    shadow = _equals(rows, "teacher_outcome", "shadow")
-    top, no_top = _nullable(rows, "teacher_confidence")
-    at_student, no_at_student = _nullable(rows, "teacher_p_student")
+    flip = teacher & (numbers("student_label") != teacher_label)
+    served = teacher & ~numbers("served_by_teacher").astype(bool)
+    shadow = np.concatenate([_equals(rows, "teacher_outcome", "shadow") for rows in parts])
+    top, no_top = nullable("teacher_confidence")
+    at_student, no_at_student = nullable("teacher_p_student")
     delta = np.where(no_top | no_at_student, 0.0, top - at_student)
-    tv, _ = _nullable(rows, "total_variation")
-    kl, _ = _nullable(rows, "kl_teacher_student")
-    decile = _numbers(rows, "conf_fine").astype(np.int64) // (FINE_BINS // DECILES)
+    tv, _ = nullable("total_variation")
+    kl, _ = nullable("kl_teacher_student")
+    decile = numbers("conf_fine").astype(np.int64) // (FINE_BINS // DECILES)
     by_decile = _grouped(
         {"model": model, "bucket_start": bucket, "decile": decile},
         {
-            "n": np.ones(len(rows)),
+            "n": np.ones(n),
             "teacher_n": teacher,
             "sum_w": w * teacher,
             "sum_w2": w * w * teacher,
@@ -85,9 +95,9 @@ def prediction_sums(rows: Rows, bucket_s: float) -> tuple[SumRows, SumRows]:
         {
             "model": model,
             "bucket_start": bucket,
-            "entropy_fine": _numbers(rows, "entropy_fine").astype(np.int64),
+            "entropy_fine": numbers("entropy_fine").astype(np.int64),
         },
-        {"n": np.ones(len(rows))},
+        {"n": np.ones(n)},
         counts={"n"},
     )
     return by_decile, by_entropy
@@ -142,23 +152,6 @@ def label_sums(
     )
 
 
-def merge_sums(table: type[Any], parts: Iterable[SumRows]) -> SumRows:
-    """Several shares of one sums table as one: a row per key, in key order."""
-    keys = _keys(table)
-    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for part in parts:
-        for row in part:
-            key = tuple(row[k] for k in keys)
-            into = merged.get(key)
-            if into is None:
-                merged[key] = dict(row)
-                continue
-            for name, value in row.items():
-                if name not in keys:
-                    into[name] += value
-    return [merged[key] for key in sorted(merged)]
-
-
 def add_sums(connection: Connection, table: type[Any], rows: SumRows) -> None:
     """Add `rows` (in key order) to the stored sums: a new key is inserted, a stored one
     added to."""
@@ -192,34 +185,40 @@ def _grouped(
     *,
     counts: set[str],
 ) -> SumRows:
-    """Sum `values` over the rows that share all `keys`: one dict per key, in key order."""
-    codes = []
-    distinct = []
+    """Sum `values` over the rows that share all `keys`: one dict per key, in key order.
+
+    Each key column becomes codes into its sorted distinct values, and the codes one
+    integer per row (mixed radix), so grouping is a single 1-D sort.
+    """
+    distinct: list[list[Any]] = []
+    combined: npt.NDArray[np.int64] | int = 0
     for column in keys.values():
-        if isinstance(column, Coded):  # already codes; sorted so that key order holds
+        if isinstance(column, Coded):  # already codes; ranked so that key order holds
             order = np.argsort(np.asarray(column.values, object), kind="stable")
-            rank = np.empty(len(order), np.intp)
+            rank = np.empty(len(order), np.int64)
             rank[order] = np.arange(len(order))
-            distinct.append([column.values[i] for i in order.tolist()])
-            codes.append(rank[column.codes])
-            continue
-        uniques, code = np.unique(column, return_inverse=True)
-        distinct.append(uniques.tolist())
-        codes.append(code.ravel())
-    cells, inverse = np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+            uniques, code = [column.values[i] for i in order.tolist()], rank[column.codes]
+        else:
+            found, code = np.unique(column, return_inverse=True)
+            uniques = found.tolist()
+        distinct.append(uniques)
+        combined = combined * len(uniques) + code.ravel()
+    cells, inverse = np.unique(combined, return_inverse=True)
     inverse = inverse.ravel()
     sums = {
-        name: np.bincount(inverse, np.asarray(v, np.float64), minlength=len(cells))
+        name: np.bincount(inverse, np.asarray(v, np.float64), minlength=len(cells)).tolist()
         for name, v in values.items()
     }
-    out = []
+    columns: list[list[Any]] = []
+    for uniques in reversed(distinct):  # undo the mixed radix, last key first
+        columns.append([uniques[c] for c in (cells % len(uniques)).tolist()])
+        cells = cells // len(uniques)
     names = list(keys)
-    for i, cell in enumerate(cells.tolist()):
-        row: dict[str, Any] = {
-            n: distinct[j][c] for j, (n, c) in enumerate(zip(names, cell, strict=True))
-        }
+    out = []
+    for i, cell in enumerate(zip(*reversed(columns), strict=True)):
+        row: dict[str, Any] = dict(zip(names, cell, strict=True))
         for name, total in sums.items():
-            row[name] = round(float(total[i])) if name in counts else float(total[i])
+            row[name] = round(total[i]) if name in counts else total[i]
         out.append(row)
     return out
 
@@ -236,6 +235,22 @@ def _nullable(rows: Rows, name: str) -> tuple[Floats, Mask]:
     assert isinstance(column, Fixed)
     null = np.zeros(len(rows), bool) if column.null is None else column.null
     return np.where(null, 0.0, column.values.astype(np.float64)), null
+
+
+def _concatenated(columns: Sequence[Column]) -> Coded:
+    """Several parts' string columns as one, codes into the values of them all."""
+    values: list[Any] = []
+    index: dict[Any, int] = {}
+    codes = []
+    for column in columns:
+        assert isinstance(column, Coded)
+        for value in column.values:
+            index.setdefault(value, len(values))
+            if len(values) < len(index):
+                values.append(value)
+        own = np.array([index[v] for v in column.values] + [-1], np.intp)
+        codes.append(own[column.codes])
+    return Coded(values, np.concatenate(codes))
 
 
 def _equals(rows: Rows, name: str, value: str) -> Mask:

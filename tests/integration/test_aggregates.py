@@ -92,7 +92,7 @@ def write_traffic(database: Engine, n: int = 400) -> Traffic:
             student_seconds=0.0,
             teacher_seconds=None,
             total_seconds=0.0,
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
     for batch in batches:

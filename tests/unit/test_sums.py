@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service.persistence.sums import bucket_starts, label_sums, merge_sums
-from service.persistence.tables import LabelSums
+from service.persistence.sums import bucket_starts, label_sums
 from service.settings import Settings
 
 
@@ -26,7 +25,7 @@ def labels(created_at: list[float], teacher_correct: list[bool | None]) -> list[
 
 
 def test_labels_are_summed_per_bucket_and_cell() -> None:
-    rows = labels([10.0, 20.0, 70.0], [True, None, False])
+    rows = labels([70.0, 10.0, 20.0], [False, True, None])  # in key order, whatever came first
     assert [(r["bucket_start"], r["n"], r["paired_n"]) for r in rows] == [
         (0.0, 2, 1),
         (60.0, 1, 1),
@@ -35,11 +34,6 @@ def test_labels_are_summed_per_bucket_and_cell() -> None:
     assert first["both_w"] == 2.0 and first["student_only_w"] == 0.0  # w = 1/π = 2
     assert second["student_only_n"] == 1 and second["paired_sum_w2"] == 4.0
     assert first["sum_nll"] == 2.0 and isinstance(first["n"], int)
-
-
-def test_shares_merge_into_one_row_per_key_in_key_order() -> None:
-    merged = merge_sums(LabelSums, [labels([70.0], [True]), labels([10.0, 80.0], [None, True])])
-    assert [(r["bucket_start"], r["n"], r["both_n"]) for r in merged] == [(0.0, 1, 0), (60.0, 2, 2)]
 
 
 def test_a_weight_is_zero_where_nothing_was_sampled() -> None:
