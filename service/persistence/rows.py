@@ -346,6 +346,70 @@ def gather(batches: Sequence[PredictionBatch]) -> Gathered:
     )
 
 
+def merge(parts: Sequence[Gathered]) -> Gathered:
+    """Several gathered parts as one (the parts of one flush: the event loop gathers a
+    flush in parts so that each pause is short; the rows are built from them at once)."""
+    if len(parts) == 1:
+        return parts[0]
+    counts = np.array([len(g) for g in parts], np.intp)
+    offsets = np.cumsum(counts) - counts
+
+    def arrays(name: str) -> npt.NDArray[Any]:
+        return np.concatenate([getattr(g, name) for g in parts])
+
+    def strings(name: str) -> Coded:
+        return merge_coded([getattr(g, name) for g in parts])
+
+    teacher_probs = None
+    if any(g.teacher_probs is not None for g in parts):
+        teacher_probs = np.concatenate(
+            [
+                np.full(g.student_probs.shape, np.nan)
+                if g.teacher_probs is None
+                else g.teacher_probs
+                for g in parts
+            ]
+        )
+    logged = [g.logged + offset for g, offset in zip(parts, offsets.tolist(), strict=True)]
+    features = [g.features for g in parts if g.features is not None]
+    return Gathered(
+        request_ids=list(chain.from_iterable(g.request_ids for g in parts)),
+        model=strings("model"),
+        student_version=strings("student_version"),
+        teacher_version=strings("teacher_version"),
+        routing_key=strings("routing_key"),
+        teacher_error=strings("teacher_error"),
+        teacher_outcome=strings("teacher_outcome"),
+        created_at=arrays("created_at"),
+        fallback_threshold=arrays("fallback_threshold"),
+        student_temperature=arrays("student_temperature"),
+        student_seconds=arrays("student_seconds"),
+        total_seconds=arrays("total_seconds"),
+        teacher_seconds=arrays("teacher_seconds"),
+        student_probs=arrays("student_probs"),
+        teacher_probs=teacher_probs,
+        confidence=arrays("confidence"),
+        entropy=arrays("entropy"),
+        inclusion_probability=arrays("inclusion_probability"),
+        served_by_teacher=arrays("served_by_teacher"),
+        degraded=arrays("degraded"),
+        logged=np.concatenate(logged),
+        features=np.concatenate(features) if features else None,
+    )
+
+
+def merge_coded(columns: Sequence[Coded]) -> Coded:
+    """Several coded columns as one: codes into the distinct values of them all."""
+    index: dict[Any, int] = {}
+    codes = []
+    for column in columns:
+        for value in column.values:
+            index.setdefault(value, len(index))
+        own = np.array([index[v] for v in column.values] + [-1], np.intp)
+        codes.append(own[column.codes])
+    return Coded(list(index), np.concatenate(codes))
+
+
 def prediction_rows(g: Gathered) -> Rows:
     """The `predictions` rows: stored columns plus the per-row values the monitor sums."""
     n = len(g)

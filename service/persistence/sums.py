@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from service.monitoring.metrics import DECILES, FINE_BINS
 from service.persistence.database import is_postgres
-from service.persistence.rows import Coded, Column, Fixed, Rows
+from service.persistence.rows import Coded, Fixed, Rows
 
 Floats = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
@@ -40,35 +40,27 @@ def bucket_starts(created_at: npt.ArrayLike, bucket_s: float) -> Floats:
     return np.floor(np.asarray(created_at, np.float64) / bucket_s) * bucket_s
 
 
-def prediction_sums(parts: Sequence[Rows], bucket_s: float) -> tuple[SumRows, SumRows]:
-    """The `prediction_sums` and `entropy_sums` shares of some `predictions` rows (a
-    flush's parts), each in key order."""
-    parts = [rows for rows in parts if len(rows)]
-    if not parts:
+def prediction_sums(rows: Rows, bucket_s: float) -> tuple[SumRows, SumRows]:
+    """The `prediction_sums` and `entropy_sums` shares of some `predictions` rows, each in
+    key order."""
+    if not len(rows):
         return [], []
-
-    def numbers(name: str) -> npt.NDArray[Any]:
-        return np.concatenate([_numbers(rows, name) for rows in parts])
-
-    def nullable(name: str) -> tuple[Floats, Mask]:
-        pairs = [_nullable(rows, name) for rows in parts]
-        return np.concatenate([v for v, _ in pairs]), np.concatenate([m for _, m in pairs])
-
-    model = _concatenated([rows.columns["model"] for rows in parts])
-    n = len(model.codes)
-    bucket = bucket_starts(numbers("created_at"), bucket_s)
-    w = _weights(numbers("inclusion_probability"))
-    teacher_label, no_teacher = nullable("teacher_label")
+    model = rows.columns["model"]
+    assert isinstance(model, Coded)
+    n = len(rows)
+    bucket = bucket_starts(_numbers(rows, "created_at"), bucket_s)
+    w = _weights(_numbers(rows, "inclusion_probability"))
+    teacher_label, no_teacher = _nullable(rows, "teacher_label")
     teacher = ~no_teacher
-    flip = teacher & (numbers("student_label") != teacher_label)
-    served = teacher & ~numbers("served_by_teacher").astype(bool)
-    shadow = np.concatenate([_equals(rows, "teacher_outcome", "shadow") for rows in parts])
-    top, no_top = nullable("teacher_confidence")
-    at_student, no_at_student = nullable("teacher_p_student")
+    flip = teacher & (_numbers(rows, "student_label") != teacher_label)
+    served = teacher & ~_numbers(rows, "served_by_teacher").astype(bool)
+    shadow = _equals(rows, "teacher_outcome", "shadow")
+    top, no_top = _nullable(rows, "teacher_confidence")
+    at_student, no_at_student = _nullable(rows, "teacher_p_student")
     delta = np.where(no_top | no_at_student, 0.0, top - at_student)
-    tv, _ = nullable("total_variation")
-    kl, _ = nullable("kl_teacher_student")
-    decile = numbers("conf_fine").astype(np.int64) // (FINE_BINS // DECILES)
+    tv, _ = _nullable(rows, "total_variation")
+    kl, _ = _nullable(rows, "kl_teacher_student")
+    decile = _numbers(rows, "conf_fine").astype(np.int64) // (FINE_BINS // DECILES)
     by_decile = _grouped(
         {"model": model, "bucket_start": bucket, "decile": decile},
         {
@@ -95,7 +87,7 @@ def prediction_sums(parts: Sequence[Rows], bucket_s: float) -> tuple[SumRows, Su
         {
             "model": model,
             "bucket_start": bucket,
-            "entropy_fine": numbers("entropy_fine").astype(np.int64),
+            "entropy_fine": _numbers(rows, "entropy_fine").astype(np.int64),
         },
         {"n": np.ones(n)},
         counts={"n"},
@@ -235,22 +227,6 @@ def _nullable(rows: Rows, name: str) -> tuple[Floats, Mask]:
     assert isinstance(column, Fixed)
     null = np.zeros(len(rows), bool) if column.null is None else column.null
     return np.where(null, 0.0, column.values.astype(np.float64)), null
-
-
-def _concatenated(columns: Sequence[Column]) -> Coded:
-    """Several parts' string columns as one, codes into the values of them all."""
-    values: list[Any] = []
-    index: dict[Any, int] = {}
-    codes = []
-    for column in columns:
-        assert isinstance(column, Coded)
-        for value in column.values:
-            index.setdefault(value, len(values))
-            if len(values) < len(index):
-                values.append(value)
-        own = np.array([index[v] for v in column.values] + [-1], np.intp)
-        codes.append(own[column.codes])
-    return Coded(values, np.concatenate(codes))
 
 
 def _equals(rows: Rows, name: str, value: str) -> Mask:

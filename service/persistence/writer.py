@@ -42,7 +42,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from service.monitoring.instruments import Instruments
 from service.monitoring.records import PredictionBatch
 from service.persistence.database import is_postgres
-from service.persistence.rows import Gathered, Rows, gather, input_rows, prediction_rows
+from service.persistence.rows import Gathered, Rows, gather, input_rows, merge, prediction_rows
 from service.persistence.sums import add_sums, prediction_sums
 from service.persistence.tables import EntropySums, PredictionInput, PredictionSums
 from service.settings import RecordingSettings
@@ -295,13 +295,15 @@ class Inserter:
         self._since_prune = 0
 
     def write(self, rows: list[Gathered]) -> str | None:
-        tables = [(prediction_rows(part), input_rows(part)) for part in rows]
+        # One set of rows per flush: building them costs per column, not only per row.
+        flush = merge(rows)
+        predictions, inputs = prediction_rows(flush), input_rows(flush)
         try:
             try:
-                self._insert_all(tables, fast=True)
+                self._insert_all(predictions, inputs, fast=True)
             except IntegrityError:
                 # COPY cannot skip a duplicate client-supplied request id; INSERT can.
-                self._insert_all(tables, fast=False)
+                self._insert_all(predictions, inputs, fast=False)
         except SQLAlchemyError as exc:
             return exc.__class__.__name__
         return None
@@ -312,16 +314,14 @@ class Inserter:
     def close(self, *, force: bool = False) -> None:
         return None
 
-    def _insert_all(self, tables: list[tuple[Rows, Rows]], *, fast: bool) -> None:
+    def _insert_all(self, predictions: Rows, inputs: Rows, *, fast: bool) -> None:
         with self._engine.begin() as connection:
-            inserted = []
-            for predictions, inputs in tables:
-                inserted.append(self._insert_rows(connection, predictions, fast=fast))
-                self._insert_rows(connection, inputs, fast=fast)
+            inserted = self._insert_rows(connection, predictions, fast=fast)
+            self._insert_rows(connection, inputs, fast=fast)
             by_decile, by_entropy = prediction_sums(inserted, self._bucket_s)
             add_sums(connection, PredictionSums, by_decile)
             add_sums(connection, EntropySums, by_entropy)
-            self._prune_inputs(connection, sum(len(inputs) for _, inputs in tables))
+            self._prune_inputs(connection, len(inputs))
 
     def _insert_rows(self, connection: Connection, rows: Rows, *, fast: bool) -> Rows:
         """Insert `rows`; the ones that went in (all of them on the fast path)."""
