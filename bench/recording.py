@@ -9,9 +9,10 @@ on a shared one, the idle server's monitor would evaluate the other's prediction
 
 Throughput on a shared 2-core host moves with whatever else runs, so each run also reads
 the CPU time it cost, per request, in each process that does work for it: the serving
-process (all its threads), its children (the writer process) and, on PostgreSQL, the
-database backends connected to the scratch database. CPU time per request is far steadier
-than requests per second, and it says where recording's cost goes.
+process (all its threads, and its event loop's thread alone), its children (the writer
+process) and, on PostgreSQL, the database backends connected to the scratch database.
+CPU time per request is far steadier than requests per second, and it says where
+recording's cost goes.
 
 Usage: python bench/recording.py [--pairs 3] [--seconds 10] [--database postgresql|sqlite]
                                  [--monitoring on|off]
@@ -40,10 +41,12 @@ POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (every thread), 0 if it is gone."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process (every thread), or of one of its threads; 0 if
+    it is gone."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
@@ -81,6 +84,8 @@ class CpuMeter:
     def read(self) -> dict[str, dict[int, float]]:
         return {
             "server": {self._pid: cpu_seconds(self._pid)},
+            # the event loop's thread: what bounds a single-process server's throughput
+            "event_loop": {self._pid: cpu_seconds(self._pid, self._pid)},
             "children": {c: cpu_seconds(c) for c in children(self._pid)},
             "database": {b: cpu_seconds(b) for b in self.backends()},
         }
@@ -180,7 +185,7 @@ def main() -> int:
 
     cpu_keys = [k for k in runs["on"][0] if k.startswith("cpu_us_")]
     cpu_median = {m: {k[7:]: round(median(m, k), 1) for k in cpu_keys} for m in runs}
-    total = {m: sum(cpu_median[m].values()) for m in runs}
+    total = {m: sum(v for k, v in cpu_median[m].items() if k != "event_loop") for m in runs}
     print(
         json.dumps(
             {
@@ -192,6 +197,9 @@ def main() -> int:
                 "median_round_ratio": statistics.median(ratios),
                 "cpu_us_per_request": cpu_median,
                 "cpu_off_vs_on": total["off"] / total["on"],
+                "event_loop_cpu_off_vs_on": (
+                    cpu_median["off"]["event_loop"] / cpu_median["on"]["event_loop"]
+                ),
             },
             indent=2,
         )
