@@ -10,7 +10,7 @@ other databases as Python values (`Rows.flat`, `Rows.dicts`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from itertools import chain
 from operator import attrgetter
@@ -352,50 +352,28 @@ def merge(parts: Sequence[Gathered]) -> Gathered:
     if len(parts) == 1:
         return parts[0]
     counts = np.array([len(g) for g in parts], np.intp)
-    offsets = np.cumsum(counts) - counts
-
-    def arrays(name: str) -> npt.NDArray[Any]:
-        return np.concatenate([getattr(g, name) for g in parts])
-
-    def strings(name: str) -> Coded:
-        return merge_coded([getattr(g, name) for g in parts])
-
-    teacher_probs = None
-    if any(g.teacher_probs is not None for g in parts):
-        teacher_probs = np.concatenate(
-            [
-                np.full(g.student_probs.shape, np.nan)
-                if g.teacher_probs is None
-                else g.teacher_probs
-                for g in parts
-            ]
-        )
-    logged = [g.logged + offset for g, offset in zip(parts, offsets.tolist(), strict=True)]
+    starts = (np.cumsum(counts) - counts).tolist()
     features = [g.features for g in parts if g.features is not None]
-    return Gathered(
-        request_ids=list(chain.from_iterable(g.request_ids for g in parts)),
-        model=strings("model"),
-        student_version=strings("student_version"),
-        teacher_version=strings("teacher_version"),
-        routing_key=strings("routing_key"),
-        teacher_error=strings("teacher_error"),
-        teacher_outcome=strings("teacher_outcome"),
-        created_at=arrays("created_at"),
-        fallback_threshold=arrays("fallback_threshold"),
-        student_temperature=arrays("student_temperature"),
-        student_seconds=arrays("student_seconds"),
-        total_seconds=arrays("total_seconds"),
-        teacher_seconds=arrays("teacher_seconds"),
-        student_probs=arrays("student_probs"),
-        teacher_probs=teacher_probs,
-        confidence=arrays("confidence"),
-        entropy=arrays("entropy"),
-        inclusion_probability=arrays("inclusion_probability"),
-        served_by_teacher=arrays("served_by_teacher"),
-        degraded=arrays("degraded"),
-        logged=np.concatenate(logged),
-        features=np.concatenate(features) if features else None,
-    )
+    teacher_probs = None
+    if any(g.teacher_probs is not None for g in parts):  # NaN rows: no teacher output
+        unseen = [np.full(g.student_probs.shape, np.nan) for g in parts]
+        seen = [
+            u if g.teacher_probs is None else g.teacher_probs
+            for g, u in zip(parts, unseen, strict=True)
+        ]
+        teacher_probs = np.concatenate(seen)
+    merged: dict[str, Any] = {
+        "request_ids": list(chain.from_iterable(g.request_ids for g in parts)),
+        "teacher_probs": teacher_probs,
+        "logged": np.concatenate([g.logged + s for g, s in zip(parts, starts, strict=True)]),
+        "features": np.concatenate(features) if features else None,
+    }
+    for field in fields(Gathered):
+        if field.name not in merged:  # the rest: codes into strings, or one value per row
+            columns = [getattr(g, field.name) for g in parts]
+            coded = isinstance(columns[0], Coded)
+            merged[field.name] = merge_coded(columns) if coded else np.concatenate(columns)
+    return Gathered(**merged)
 
 
 def merge_coded(columns: Sequence[Coded]) -> Coded:
