@@ -59,7 +59,6 @@ def load(engine_url: str, rows: int, created: float) -> None:
         low = p.max(axis=1) < 0.6
         shadow = ~low & (rng.random(per_batch) < 0.1)
         q[~(low | shadow)] = np.nan
-        pi = np.where(low, 1.0, 0.1)
         outcome = [
             TeacherOutcome.FALLBACK
             if lo
@@ -80,11 +79,8 @@ def load(engine_url: str, rows: int, created: float) -> None:
                 teacher_probs=q,
                 teacher_outcome=outcome,
                 teacher_error=None,
-                served_by_teacher=low,
-                degraded=np.zeros(per_batch, np.bool_),
-                confidence=p.max(axis=1),
                 entropy=rng.beta(2, 5, per_batch).astype(np.float32),
-                inclusion_probability=pi,
+                shadow_rate=0.1,
                 fallback_threshold=0.6,
                 student_temperature=1.0,
                 student_seconds=1e-5,

@@ -36,6 +36,17 @@ class TeacherOutcome(StrEnum):
     SHADOW_DROPPED = "shadow_dropped"  # sampled for shadow, but dropped or failed
 
 
+# The rows the fallback asked the teacher about: exactly the low-confidence ones (c < τ).
+FALLBACK_OUTCOMES = frozenset({TeacherOutcome.FALLBACK, TeacherOutcome.FALLBACK_FAILED})
+
+
+def inclusion_probability(
+    low: BoolArray, shadow_rate: float | npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """π = 1[c < τ] + 1[c ≥ τ]·π₀: the chance the teacher output was requested."""
+    return np.where(low, 1.0, shadow_rate)
+
+
 @dataclass(frozen=True, slots=True)
 class PredictionRecord:
     """One instance, expanded from a batch."""
@@ -74,9 +85,12 @@ class PredictionRecord:
 class PredictionBatch:
     """Rows of one request that share a teacher outcome kind, as arrays.
 
-    `teacher_probs` rows are NaN where the teacher output was not observed.
-    `inclusion_probability` is π = 1[c < τ] + 1[c ≥ τ]·π₀ per row: the probability that
-    the teacher output was requested. Student-vs-teacher statistics weight by 1/π.
+    `teacher_probs` rows are NaN where the teacher output was not observed. What follows
+    from the rest is not stored twice: the confidence from the student's probabilities;
+    who served a row, and whether it was degraded, from its teacher outcome; and π, the
+    probability that its teacher output was requested, from both: π = 1[c < τ] + 1[c ≥ τ]·π₀,
+    the rows with c < τ being exactly those the fallback asked about. Student-vs-teacher
+    statistics weight by 1/π.
     """
 
     model: str
@@ -89,12 +103,9 @@ class PredictionBatch:
     teacher_probs: Array | None
     teacher_outcome: Sequence[TeacherOutcome]
     teacher_error: str | None
-    served_by_teacher: BoolArray
-    degraded: BoolArray
-    confidence: Array
     entropy: Array
-    inclusion_probability: npt.NDArray[np.float64]
     fallback_threshold: float
+    shadow_rate: float  # π₀ when the request was answered
     student_temperature: float
     student_seconds: float
     teacher_seconds: float | None
@@ -104,8 +115,31 @@ class PredictionBatch:
     def __len__(self) -> int:
         return len(self.request_ids)
 
+    @property
+    def confidence(self) -> Array:
+        out: Array = self.student_probs.max(axis=1)
+        return out
+
+    @property
+    def served_by_teacher(self) -> BoolArray:
+        return self._outcome_is(TeacherOutcome.FALLBACK)
+
+    @property
+    def degraded(self) -> BoolArray:
+        return self._outcome_is(TeacherOutcome.FALLBACK_FAILED)
+
+    @property
+    def inclusion_probability(self) -> npt.NDArray[np.float64]:
+        low = np.fromiter((o in FALLBACK_OUTCOMES for o in self.teacher_outcome), np.bool_)
+        return inclusion_probability(low, self.shadow_rate)
+
+    def _outcome_is(self, outcome: TeacherOutcome) -> BoolArray:
+        return np.fromiter((o == outcome for o in self.teacher_outcome), np.bool_)
+
     def rows(self) -> list[PredictionRecord]:
         out = []
+        confidence, pi = self.confidence, self.inclusion_probability
+        by_teacher, degraded = self.served_by_teacher, self.degraded
         for i, request_id in enumerate(self.request_ids):
             teacher = None if self.teacher_probs is None else self.teacher_probs[i]
             observed = teacher is not None and bool(np.isfinite(teacher).all())
@@ -119,15 +153,15 @@ class PredictionBatch:
                     teacher_version=self.teacher_version,
                     routing_key=self.routing_key,
                     created_at=self.created_at,
-                    served_by=ServedBy.TEACHER if self.served_by_teacher[i] else ServedBy.STUDENT,
-                    degraded=bool(self.degraded[i]),
+                    served_by=ServedBy.TEACHER if by_teacher[i] else ServedBy.STUDENT,
+                    degraded=bool(degraded[i]),
                     teacher_outcome=outcome,
                     teacher_error=self.teacher_error if failed else None,
                     student_probs=self.student_probs[i],
                     teacher_probs=teacher if observed else None,
-                    confidence=float(self.confidence[i]),
+                    confidence=float(confidence[i]),
                     entropy=float(self.entropy[i]),
-                    inclusion_probability=float(self.inclusion_probability[i]),
+                    inclusion_probability=float(pi[i]),
                     fallback_threshold=self.fallback_threshold,
                     student_temperature=self.student_temperature,
                     student_seconds=self.student_seconds,

@@ -9,7 +9,7 @@ other databases as Python values (`Rows.flat`, `Rows.dicts`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from itertools import chain
@@ -21,7 +21,12 @@ import numpy.typing as npt
 from sqlalchemy import BigInteger, Boolean, Float, Integer, LargeBinary, SmallInteger, Table
 
 from service.monitoring.metrics import confidence_bin, confidence_fine_bin, fine_index
-from service.monitoring.records import PredictionBatch
+from service.monitoring.records import (
+    FALLBACK_OUTCOMES,
+    PredictionBatch,
+    TeacherOutcome,
+    inclusion_probability,
+)
 from service.persistence.tables import Prediction, PredictionInput
 
 IntArray = npt.NDArray[np.intp]
@@ -264,13 +269,10 @@ class Gathered:
     student_seconds: npt.NDArray[np.float64]
     total_seconds: npt.NDArray[np.float64]
     teacher_seconds: npt.NDArray[np.float64]  # NaN where None
+    shadow_rate: npt.NDArray[np.float64]
     student_probs: npt.NDArray[Any]
     teacher_probs: npt.NDArray[Any] | None
-    confidence: npt.NDArray[Any]
     entropy: npt.NDArray[Any]
-    inclusion_probability: npt.NDArray[Any]
-    served_by_teacher: BoolArray
-    degraded: BoolArray
     logged: IntArray
     features: npt.NDArray[Any] | None
 
@@ -331,16 +333,13 @@ def gather(batches: Sequence[PredictionBatch]) -> Gathered:
         created_at=numbers("created_at"),
         fallback_threshold=numbers("fallback_threshold"),
         student_temperature=numbers("student_temperature"),
+        shadow_rate=numbers("shadow_rate"),
         student_seconds=numbers("student_seconds"),
         total_seconds=numbers("total_seconds"),
         teacher_seconds=numbers("teacher_seconds"),
         student_probs=student_probs,
         teacher_probs=teacher_probs,
-        confidence=rows("confidence"),
         entropy=rows("entropy"),
-        inclusion_probability=rows("inclusion_probability"),
-        served_by_teacher=rows("served_by_teacher"),
-        degraded=rows("degraded"),
         logged=logged,
         features=features,
     )
@@ -393,8 +392,9 @@ def prediction_rows(g: Gathered) -> Rows:
     n = len(g)
     p = g.student_probs.astype(np.float64)
     labels = p.argmax(axis=1)
-    confidence = g.confidence.astype(np.float64)
+    confidence = p.max(axis=1)
     entropy = g.entropy.astype(np.float64)
+    low = _outcome_in(g.teacher_outcome, FALLBACK_OUTCOMES)
     columns: dict[str, Column] = {
         "request_id": Coded(g.request_ids, np.arange(n)),
         "model": g.model,
@@ -414,14 +414,19 @@ def prediction_rows(g: Gathered) -> Rows:
         "conf_bin": Fixed(confidence_bin(confidence)),
         "conf_fine": Fixed(confidence_fine_bin(confidence)),
         "entropy_fine": Fixed(fine_index(entropy)),
-        "served_by_teacher": Fixed(g.served_by_teacher),
-        "degraded": Fixed(g.degraded),
+        "served_by_teacher": Fixed(_outcome_in(g.teacher_outcome, {TeacherOutcome.FALLBACK})),
+        "degraded": Fixed(_outcome_in(g.teacher_outcome, {TeacherOutcome.FALLBACK_FAILED})),
         "teacher_outcome": g.teacher_outcome,
-        "inclusion_probability": Fixed(g.inclusion_probability.astype(np.float64)),
+        "inclusion_probability": Fixed(inclusion_probability(low, g.shadow_rate)),
         "student_probs": Fixed(_as_bytes(p, "<f2")),
         **_teacher_columns(g, p, labels),
     }
     return Rows(Prediction.__table__, columns, n)  # type: ignore[arg-type]
+
+
+def _outcome_in(outcomes: Coded, kinds: Collection[object]) -> BoolArray:
+    codes = [i for i, value in enumerate(outcomes.values) if value in kinds]
+    return np.isin(outcomes.codes, codes)
 
 
 def _teacher_columns(

@@ -1,4 +1,4 @@
-"""Pure cascade decisions: who answers, what to shadow, and the inclusion probability π."""
+"""Pure cascade decisions: who answers and what to shadow (π: `records.inclusion_probability`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import numpy.typing as npt
 
 BoolArray = npt.NDArray[np.bool_]
-FloatArray = npt.NDArray[np.float64]
 
 
 def needs_teacher(confidence: npt.NDArray[np.float32], threshold: float) -> BoolArray:
@@ -25,8 +24,3 @@ def sample_shadow(low: BoolArray, shadow_rate: float, rng: np.random.Generator) 
     if shadow_rate >= 1.0:
         return ~low
     return np.asarray(~low & (rng.random(low.shape[0]) < shadow_rate))
-
-
-def inclusion_probability(low: BoolArray, shadow_rate: float) -> FloatArray:
-    """π = 1[c < τ] + 1[c ≥ τ]·π₀: the chance the teacher output was requested."""
-    return np.where(low, 1.0, shadow_rate)

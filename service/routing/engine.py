@@ -25,7 +25,7 @@ from service.errors import TeacherError, UnavailableError
 from service.monitoring.instruments import Instruments
 from service.monitoring.probabilities import normalized_entropy, softmax
 from service.monitoring.records import BoolArray, PredictionBatch, Recorder, TeacherOutcome
-from service.routing.cascade import inclusion_probability, needs_teacher, sample_shadow
+from service.routing.cascade import needs_teacher, sample_shadow
 from service.routing.metering import Meter
 from service.routing.rollout import RolloutPlan
 from service.settings import RoutingSettings
@@ -189,9 +189,8 @@ class InferenceEngine:
         rows = _Rows(
             engine=self, student_version=student.version,
             student_temperature=manifest.temperature, routing_key=routing_key,
-            ids=answer.request_ids, student_probs=probs, confidence=confidence, entropy=entropy,
-            low=low, pi=inclusion_probability(low, rate), answer=answer,
-            student_seconds=student_seconds, total_seconds=total_seconds,
+            ids=answer.request_ids, student_probs=probs, entropy=entropy, low=low,
+            shadow_rate=rate, student_seconds=student_seconds, total_seconds=total_seconds,
             x=x if self._rng.random() < self._input_sample_rate else None,
         )  # fmt: skip
         shadow = sample_shadow(low, rate, self._rng)
@@ -332,11 +331,9 @@ class _Rows:
     routing_key: str | None
     ids: list[str]
     student_probs: Array
-    confidence: Array
     entropy: Array
     low: BoolArray
-    pi: npt.NDArray[np.float64]
-    answer: Answer
+    shadow_rate: float
     student_seconds: float
     total_seconds: float
     x: Array | None  # the inputs, when this request was sampled for input logging
@@ -391,12 +388,9 @@ class _Rows:
             teacher_probs=teacher,
             teacher_outcome=outcomes,
             teacher_error=error,
-            served_by_teacher=pick(self.answer.by_teacher),
-            degraded=pick(self.answer.degraded),
-            confidence=pick(self.confidence),
             entropy=pick(self.entropy),
-            inclusion_probability=pick(self.pi),
             fallback_threshold=self.engine.fallback_threshold,
+            shadow_rate=self.shadow_rate,
             student_temperature=self.student_temperature,
             student_seconds=self.student_seconds,
             teacher_seconds=teacher_seconds,

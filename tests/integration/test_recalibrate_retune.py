@@ -24,7 +24,7 @@ from service.errors import UnprocessableError
 from service.jobs import recalibrate, retune
 from service.jobs.context import JobContext
 from service.monitoring.probabilities import normalized_entropy, softmax
-from service.monitoring.records import PredictionBatch, TeacherOutcome
+from service.monitoring.records import PredictionBatch, TeacherOutcome, inclusion_probability
 from service.persistence.feedback import Label, record_labels
 from service.persistence.rows import gather, prediction_rows
 from service.persistence.samples import (
@@ -36,7 +36,6 @@ from service.persistence.samples import (
 )
 from service.persistence.tables import Prediction
 from service.registry import InputSpec, ModelRegistry
-from service.routing.cascade import inclusion_probability
 from service.routing.threshold import Sample, budget_threshold
 from service.training.temperature import fit_temperature
 from tests.conftest import make_settings
@@ -115,10 +114,8 @@ def store(
                 created_at=float(sim.created[i]), request_ids=[f"{prefix}{i}"],
                 student_probs=p[i : i + 1],
                 teacher_probs=q[i : i + 1] if observed else np.full((1, K), np.nan, np.float32),
-                teacher_outcome=[outcome], teacher_error=None,
-                served_by_teacher=low[i : i + 1], degraded=np.zeros(1, np.bool_),
-                confidence=c[i : i + 1], entropy=normalized_entropy(p[i : i + 1]),
-                inclusion_probability=pi[i : i + 1], fallback_threshold=TAU,
+                teacher_outcome=[outcome], teacher_error=None, shadow_rate=SHADOW,
+                entropy=normalized_entropy(p[i : i + 1]), fallback_threshold=TAU,
                 student_temperature=float(t[i]), student_seconds=0.001, teacher_seconds=None,
                 total_seconds=0.002,
             )

@@ -34,9 +34,8 @@ def batch(n: int = 1, *, teacher: bool = False, inputs: bool = False) -> Predict
         model="tiny", student_version="1", teacher_version="t1", routing_key=None,
         created_at=time.time(), request_ids=[f"r{next(_counter)}" for _ in range(n)],
         student_probs=probs, teacher_probs=q, teacher_outcome=[outcome] * n, teacher_error=None,
-        served_by_teacher=np.zeros(n, np.bool_), degraded=np.zeros(n, np.bool_),
-        confidence=probs.max(axis=1), entropy=np.full(n, 0.5, np.float32),
-        inclusion_probability=np.full(n, 0.1), fallback_threshold=0.6, student_temperature=1.0,
+        entropy=np.full(n, 0.5, np.float32), shadow_rate=0.1, fallback_threshold=0.6,
+        student_temperature=1.0,
         student_seconds=1e-4,
         teacher_seconds=2e-3 if teacher else None, total_seconds=2e-4,
         inputs=np.ones((n, 4), np.float32) if inputs else None,
@@ -204,15 +203,12 @@ def test_strings_nulls_and_mixed_batches_read_back_as_their_records(
     mixed.request_ids = ["a", "ключ-" + "x" * 100, "b" * 128]
     mixed.routing_key = "région/東京"
     mixed.student_probs, mixed.teacher_probs = probs, q
-    mixed.confidence = probs.max(axis=1)
     asked, not_asked = TeacherOutcome.FALLBACK, TeacherOutcome.NOT_ASKED
     mixed.teacher_outcome = [asked, not_asked, asked]
-    mixed.served_by_teacher = np.array([True, False, True])
     mixed.teacher_seconds = 3e-3
     failed = batch(2)
     failed.teacher_outcome = [TeacherOutcome.FALLBACK_FAILED] * 2
     failed.teacher_error, failed.teacher_version = "timeout", None
-    failed.degraded = np.ones(2, np.bool_)
     plain = batch(1, teacher=True)
     h = Harness(database, writer_process)
     h.start()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.routing.cascade import inclusion_probability, needs_teacher, sample_shadow
+from service.monitoring.records import inclusion_probability
+from service.routing.cascade import needs_teacher, sample_shadow
 
 
 def test_below_threshold_goes_to_teacher_and_nan_too() -> None:

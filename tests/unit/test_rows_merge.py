@@ -20,9 +20,8 @@ def batch(i: int, n: int, *, teacher: bool, inputs: bool, model: str = "m") -> P
         request_ids=[f"b{i}-{j}" for j in range(n)], student_probs=probs, teacher_probs=q,
         teacher_outcome=[TeacherOutcome.SHADOW if teacher else TeacherOutcome.NOT_ASKED] * n,
         teacher_error=None if teacher else "timeout",
-        served_by_teacher=np.zeros(n, np.bool_), degraded=np.zeros(n, np.bool_),
-        confidence=probs.max(axis=1), entropy=np.full(n, 0.1 * i, np.float32),
-        inclusion_probability=np.full(n, 0.5), fallback_threshold=0.6, student_temperature=1.0,
+        entropy=np.full(n, 0.1 * i, np.float32), shadow_rate=0.5, fallback_threshold=0.6,
+        student_temperature=1.0,
         student_seconds=1e-4, teacher_seconds=2e-3 if teacher else None, total_seconds=2e-4,
         inputs=np.full((n, 4), float(i), np.float32) if inputs else None,
     )  # fmt: skip
