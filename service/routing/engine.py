@@ -61,6 +61,11 @@ class _Fallback:
 
 
 _NO_FALLBACK = _Fallback()
+# One-row outcome tuples: `t * 1` is `t` itself, so most batches share these, and keep
+# no list of their own alive until their flush.
+_NOT_ASKED = (TeacherOutcome.NOT_ASKED,)
+_SHADOW = (TeacherOutcome.SHADOW,)
+_SHADOW_DROPPED = (TeacherOutcome.SHADOW_DROPPED,)
 _FAILED = {reason: _Fallback(error=reason) for reason in TEACHER_ERROR_REASONS}
 _SHADOW_POLL_S = 0.005
 
@@ -342,7 +347,7 @@ class _Rows:
         """Rows whose teacher side is settled at response time (`None`: all rows)."""
         low = self.low if rows is None else self.low[rows]
         if not low.any():
-            outcomes = [TeacherOutcome.NOT_ASKED] * len(low)
+            outcomes: Sequence[TeacherOutcome] = _NOT_ASKED * len(low)
         else:
             asked = (
                 TeacherOutcome.FALLBACK
@@ -362,14 +367,14 @@ class _Rows:
     ) -> PredictionBatch:
         count = int(rows.sum())
         if teacher is None:
-            return self._batch(rows, None, [TeacherOutcome.SHADOW_DROPPED] * count, reason, None)
-        return self._batch(rows, teacher, [TeacherOutcome.SHADOW] * count, None, seconds)
+            return self._batch(rows, None, _SHADOW_DROPPED * count, reason, None)
+        return self._batch(rows, teacher, _SHADOW * count, None, seconds)
 
     def _batch(
         self,
         rows: BoolArray | None,
         teacher: Array | None,
-        outcomes: list[TeacherOutcome],
+        outcomes: Sequence[TeacherOutcome],
         error: str | None,
         teacher_seconds: float | None,
     ) -> PredictionBatch:
