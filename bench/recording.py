@@ -3,9 +3,14 @@
 Two kdguard processes on the same demo student, each with a scratch database of its own
 (PostgreSQL by default), one with `recording.enabled=false`; `wrk -t1 -c16` alternates
 between them, in an order shuffled per round; the report is the ratio of median
-throughputs (goal: >= 0.95), and the median of the per-round ratios. Separate databases:
-on a shared one, the idle server's monitor would evaluate the other's predictions.
-`--monitoring off` turns the monitor off in both, leaving the writer's cost alone.
+throughputs (goal: >= 0.95), and the median of the per-round ratios with a bootstrap 95%
+interval. Separate databases: on a shared one, the idle server's monitor would evaluate
+the other's predictions. `--monitoring off` turns the monitor off in both, leaving the
+writer's cost alone.
+
+Many short rounds rather than a few long ones: on a shared host the speed of the same
+server drifts by 10% or more over tens of seconds, so the two sides of a round must run
+close together, and enough rounds must be paired to average the drift out.
 
 Throughput on a shared 2-core host moves with whatever else runs, so each run also reads
 the CPU time it cost, per request, in each process that does work for it: the serving
@@ -14,7 +19,7 @@ process) and, on PostgreSQL, the database backends connected to the scratch data
 CPU time per request is far steadier than requests per second, and it says where
 recording's cost goes.
 
-Usage: python bench/recording.py [--pairs 3] [--seconds 10] [--database postgresql|sqlite]
+Usage: python bench/recording.py [--pairs 20] [--seconds 4] [--database postgresql|sqlite]
                                  [--monitoring on|off]
 """
 
@@ -101,12 +106,21 @@ def cpu_per_request_us(
     }
 
 
+def median_interval(values: list[float], resamples: int = 10_000) -> list[float]:
+    """A percentile-bootstrap 95% interval for the median of `values`."""
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--monitoring", choices=["on", "off"], default="on")
     args = parser.parse_args()
@@ -126,7 +140,8 @@ def main() -> int:
             )
             urls[mode] = scratch.render_as_string(hide_password=False)
     runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-    ratios: list[float] = []
+    ratios: list[float] = []  # throughput on / off, per round
+    loop_ratios: list[float] = []  # the event loop's CPU per request off / on, per round
     order = random.Random(7)
     try:
         ports = {"on": free_port(), "off": free_port()}
@@ -165,6 +180,8 @@ def main() -> int:
                     runs[mode].append(run | {f"cpu_us_{k}": v for k, v in cpu.items()})
                 off_rps, on_rps = runs["off"][-1]["rps"], runs["on"][-1]["rps"]
                 ratios.append(on_rps / off_rps)
+                loop = runs["off"][-1]["cpu_us_event_loop"], runs["on"][-1]["cpu_us_event_loop"]
+                loop_ratios.append(loop[0] / loop[1])
                 print(
                     f"round {i + 1}: off {off_rps:.0f} req/s, on {on_rps:.0f} req/s "
                     f"({ratios[-1]:.3f}); CPU µs/request on: "
@@ -195,11 +212,14 @@ def main() -> int:
                 "median_p99_ms": {m: median(m, "p99_ms") for m in runs},
                 "throughput_on_vs_off": median("on", "rps") / median("off", "rps"),
                 "median_round_ratio": statistics.median(ratios),
+                "median_round_ratio_ci95": median_interval(ratios),
                 "cpu_us_per_request": cpu_median,
                 "cpu_off_vs_on": total["off"] / total["on"],
                 "event_loop_cpu_off_vs_on": (
                     cpu_median["off"]["event_loop"] / cpu_median["on"]["event_loop"]
                 ),
+                "event_loop_cpu_round_ratio": statistics.median(loop_ratios),
+                "event_loop_cpu_round_ratio_ci95": median_interval(loop_ratios),
             },
             indent=2,
         )
