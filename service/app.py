@@ -57,7 +57,7 @@ from service.persistence.writer import PredictionWriter
 from service.registry import ModelRegistry
 from service.routing.deployment import Deployment
 from service.routing.engine import InferenceEngine
-from service.settings import Settings, load_settings
+from service.settings import ServerSettings, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,7 @@ def create_app(
         tasks: list[asyncio.Task[None]] = []
         if services.monitor is not None:
             tasks.append(asyncio.create_task(services.monitor.run(), name="kdguard-monitor"))
-        if settings.server.gc_freeze:
-            gc.collect()
-            gc.freeze()
+        tune_collector(settings.server)
         services.ready = True
         log.info("serving %s student %s", deployment.name, deployment.engine.student.version)
         try:
@@ -287,3 +285,12 @@ async def _teacher_backend(
         config.local_inline_max_s * 1e6,
     )  # fmt: skip
     return teacher
+
+
+def tune_collector(server: ServerSettings) -> None:
+    """Apply the server's garbage collector settings (process-wide) once start-up is done."""
+    if server.gc_threshold is not None:
+        gc.set_threshold(server.gc_threshold, *gc.get_threshold()[1:])
+    if server.gc_freeze:
+        gc.collect()
+        gc.freeze()

@@ -45,7 +45,8 @@ def make_settings(registry_root: Path, **overrides: Any) -> Settings:
         # In-thread writes: a writer process per app would add its start-up to every test
         # (tests/integration/test_writer.py and the e2e tests cover the process).
         "recording": {"flush_interval_s": 0.05, "writer_process": False},
-        "server": {"gc_freeze": False},  # many apps per test process: nothing to freeze for
+        # many apps per one test process: nothing to freeze for, Python's own collector
+        "server": {"gc_freeze": False, "gc_threshold": None},
         "model": {"name": "tiny"},
         "routing": {"fallback_threshold": 0.6, "shadow_rate": 0.0, "seed": 7},
         "teacher": {"deadline_s": 0.2, "circuit": {"failure_threshold": 3, "reset_after_s": 0.3}},
