@@ -100,7 +100,8 @@ class ServerSettings(BaseModel):
         ge=100,
         description=(
             "Young garbage collections run after this many more container objects are "
-            "allocated than freed (gc.set_threshold's first value; None keeps Python's 700). "
+            "allocated than freed (gc.set_threshold's first value; None leaves it as it is, "
+            "700 by default). "
             "The prediction writer keeps each request's record for up to a second, so at "
             "700 a young collection ran every few hundred requests and carried the records "
             "through the older generations: ~1.2 µs of the event loop per request."

@@ -45,7 +45,7 @@ def make_settings(registry_root: Path, **overrides: Any) -> Settings:
         # In-thread writes: a writer process per app would add its start-up to every test
         # (tests/integration/test_writer.py and the e2e tests cover the process).
         "recording": {"flush_interval_s": 0.05, "writer_process": False},
-        # many apps per one test process: nothing to freeze for, Python's own collector
+        # Many apps share one test process: nothing to freeze, and the collector left as is.
         "server": {"gc_freeze": False, "gc_threshold": None},
         "model": {"name": "tiny"},
         "routing": {"fallback_threshold": 0.6, "shadow_rate": 0.0, "seed": 7},
